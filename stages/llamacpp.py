@@ -1,0 +1,183 @@
+"""llama.cpp tools: where they live, and building them once per pinned version.
+
+llama.cpp comes from the PyPI sdist of ``llama-cpp-python``, which vendors the
+whole llama.cpp tree (``convert_hf_to_gguf.py``, ``gguf-py``, ``tools/``).  We
+build the command-line tools we need once per version into a cache outside the
+repository and reuse that build from every clone:
+
+    ${XDG_CACHE_HOME:-~/.cache}/llm-release/llama.cpp-<version>/
+        src/          the vendored llama.cpp tree (convert script + gguf-py)
+        bin/          statically linked tools (TOOLS below)
+        BUILD.json    version, tools and build flags
+
+The build happens in a sibling temp folder that is renamed into place when it
+is complete, so an interrupted build never leaves a half cache behind.
+
+Run ``python -m stages.llamacpp --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The one list of llama.cpp tools this project uses; later stages add here.
+TOOLS: tuple[str, ...] = ("llama-quantize", "llama-perplexity", "llama-completion")
+
+# Flags seen working with llama-cpp-python 0.3.36 on this kind of machine.
+# Static libraries so the binaries can be moved out of the build tree.
+CMAKE_FLAGS: tuple[str, ...] = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+)
+PROJECT = "llm-release"
+
+
+class LlamaCppError(RuntimeError):
+    """The llama.cpp tools could not be found or built."""
+
+
+def cache_root() -> Path:
+    """Folder that holds one llama.cpp build per version."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / PROJECT
+
+
+def install_dir(version: str) -> Path:
+    """Folder of the build for ``version`` (it may not exist yet)."""
+    return cache_root() / f"llama.cpp-{version}"
+
+
+def tool_path(name: str, version: str) -> Path:
+    """Path of one built tool; raises with the fix when it is missing."""
+    if name not in TOOLS:
+        raise LlamaCppError(f"unknown llama.cpp tool {name!r}; known: {', '.join(TOOLS)}")
+    path = install_dir(version) / "bin" / name
+    if not path.is_file():
+        raise LlamaCppError(
+            f"llama.cpp tool {name} for version {version} is missing at {path}; "
+            "run `make tools` (or `python -m stages.llamacpp`) to build it"
+        )
+    return path
+
+
+def source_dir(version: str) -> Path:
+    """The vendored llama.cpp tree (convert_hf_to_gguf.py, gguf-py)."""
+    src = install_dir(version) / "src"
+    if not (src / "convert_hf_to_gguf.py").is_file():
+        raise LlamaCppError(
+            f"llama.cpp sources for version {version} are missing at {src}; run `make tools`"
+        )
+    return src
+
+
+def is_built(version: str) -> bool:
+    """True when every tool in TOOLS exists for ``version``."""
+    root = install_dir(version)
+    return (root / "BUILD.json").is_file() and all((root / "bin" / t).is_file() for t in TOOLS)
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> None:
+    log.info("$ %s", " ".join(cmd))
+    result = subprocess.run(cmd, cwd=cwd)
+    if result.returncode != 0:
+        raise LlamaCppError(f"command failed with exit code {result.returncode}: {' '.join(cmd)}")
+
+
+def _download_sdist(version: str, dest: Path) -> Path:
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+          "--no-binary=:all:", f"llama-cpp-python=={version}", "-d", str(dest)])
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise LlamaCppError(f"pip downloaded no sdist of llama-cpp-python=={version} into {dest}")
+    return found[0]
+
+
+def _extract_vendor(sdist: Path, dest: Path) -> Path:
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, filter="data")
+    tops = [p for p in dest.iterdir() if p.is_dir()]
+    vendored = [p / "vendor" / "llama.cpp" for p in tops if (p / "vendor" / "llama.cpp").is_dir()]
+    if not vendored:
+        raise LlamaCppError(f"{sdist.name} has no vendor/llama.cpp folder")
+    return vendored[0]
+
+
+def build(version: str, *, jobs: int | None = None, tools: tuple[str, ...] = TOOLS) -> Path:
+    """Build ``tools`` of llama.cpp ``version`` into the cache; return its folder."""
+    final = install_dir(version)
+    if is_built(version):
+        log.info("llama.cpp %s already built at %s", version, final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or os.cpu_count() or 2
+    with tempfile.TemporaryDirectory(prefix=f".llama.cpp-{version}-", dir=final.parent) as tmp:
+        tmp_path = Path(tmp)
+        sdist = _download_sdist(version, tmp_path / "dl")
+        src = _extract_vendor(sdist, tmp_path / "x")
+        build_dir = tmp_path / "build"
+        _run(["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_FLAGS])
+        _run(["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", *tools])
+        stage = tmp_path / "install"
+        (stage / "bin").mkdir(parents=True)
+        for tool in tools:
+            shutil.copy2(build_dir / "bin" / tool, stage / "bin" / tool)
+        shutil.move(str(src), stage / "src")
+        info = {"version": version, "tools": list(tools), "cmake_flags": list(CMAKE_FLAGS)}
+        (stage / "BUILD.json").write_text(json.dumps(info, indent=2) + "\n")
+        if final.exists():  # an older build with fewer tools: replace it whole
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    log.info("built llama.cpp %s into %s", version, final)
+    return final
+
+
+def _version_from_params(params: Path) -> str:
+    import yaml  # only needed when reading params
+
+    data = yaml.safe_load(params.read_text()) or {}
+    try:
+        return str(data["llama_cpp"]["version"])
+    except (KeyError, TypeError):
+        raise LlamaCppError(f"{params} has no llama_cpp.version key") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.llamacpp",
+        description="Build the pinned llama.cpp tools once into the user cache "
+        f"({cache_root()}/llama.cpp-<version>) and print that folder.",
+    )
+    parser.add_argument("--version", help="llama-cpp-python version (default: llama_cpp.version in --params)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        version = args.version or _version_from_params(args.params)
+        print(build(version, jobs=args.jobs))
+    except LlamaCppError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

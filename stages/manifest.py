@@ -1,0 +1,93 @@
+"""The release manifest: every artifact with its size and hash, the lineage,
+the params used and the tool versions.
+
+Rendered from ``templates/manifest.json.j2`` (every value through ``tojson``),
+then parsed back and checked before it is written: every listed file must
+exist under the trainer's build folder with the listed size and sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from stages.errors import ReleaseError
+from stages.hashing import sha256_file
+from stages.templates import environment
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "llm-release/manifest/v1"
+# Python packages whose versions every manifest records.
+PACKAGES: tuple[str, ...] = ("transformers", "peft", "torch", "dvc", "gguf", "huggingface-hub",
+                             "safetensors", "trl")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One published file, with its path relative to ``build/<trainer>/``."""
+
+    path: str
+    bytes: int
+    sha256: str
+    format: str
+    kind: str
+    level: str | None = None
+
+
+def artifact(root: Path, path: Path, *, fmt: str, kind: str, level: str | None = None,
+             sha256: str | None = None) -> Artifact:
+    """Describe ``path`` (inside ``root``); hash it unless ``sha256`` is known."""
+    return Artifact(path=path.relative_to(root).as_posix(), bytes=path.stat().st_size,
+                    sha256=sha256 or sha256_file(path), format=fmt, kind=kind, level=level)
+
+
+def tool_versions(llama_cpp_version: str) -> dict[str, str]:
+    """Versions of llama.cpp and the Python packages that made the artifacts."""
+    versions = {"llama.cpp": f"llama-cpp-python=={llama_cpp_version} (vendored llama.cpp)"}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def render_manifest(*, trainer: str, name: str, artifacts: list[Artifact], lineage: dict,
+                    params: dict, tools: dict[str, str]) -> str:
+    """Render the manifest JSON text from its template."""
+    template = environment().get_template("manifest.json.j2")
+    return template.render(schema=SCHEMA, trainer=trainer, name=name,
+                           artifacts=[asdict(a) for a in artifacts], lineage=lineage,
+                           params=params, tools=tools)
+
+
+def check_manifest(text: str, root: Path) -> dict:
+    """Parse rendered manifest text and verify it against the files in ``root``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReleaseError(f"rendered manifest is not valid JSON: {exc}") from None
+    for key in ("schema", "trainer", "artifacts", "lineage", "params", "tools"):
+        if key not in data:
+            raise ReleaseError(f"rendered manifest lacks `{key}`; check templates/manifest.json.j2")
+    for entry in data["artifacts"]:
+        path = root / entry["path"]
+        if not path.is_file():
+            raise ReleaseError(f"manifest lists {entry['path']}, which is not in {root}")
+        if path.stat().st_size != entry["bytes"]:
+            raise ReleaseError(f"manifest says {entry['path']} has {entry['bytes']} bytes; "
+                               f"the file has {path.stat().st_size}")
+    return data
+
+
+def verify_hashes(data: dict, root: Path) -> None:
+    """Re-hash every listed file (slow for big files: tests and push use it)."""
+    for entry in data["artifacts"]:
+        actual = sha256_file(root / entry["path"])
+        if actual != entry["sha256"]:
+            raise ReleaseError(f"{entry['path']}: sha256 is {actual}, manifest says "
+                               f"{entry['sha256']}; rebuild with `dvc repro`")
