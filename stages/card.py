@@ -16,6 +16,7 @@ folder appears whole or not at all.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -89,7 +90,8 @@ def front_matter(trainer: Trainer, lineage: dict) -> dict:
     """YAML front matter of the Hub model card."""
     data: dict = {
         "base_model": trainer.base_model.id,
-        "base_model_relation": "quantized",
+        # The GGUFs are the base fine-tuned (adapter merged), then quantized.
+        "base_model_relation": "finetune",
         "license": trainer.license,
         "library_name": LIBRARY,
         "pipeline_tag": "text-generation",
@@ -156,7 +158,8 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
         stops=chat.stop_strings, license=trainer.license)
     atomic.write_text(tmp / "Modelfile", modelfile)
     files.append({"file": "Modelfile", "level": None,
-                  "size": human_size(len(modelfile.encode())), "sha256": ""})
+                  "size": human_size(len(modelfile.encode())),
+                  "sha256": hashlib.sha256(modelfile.encode()).hexdigest()})
     matter = front_matter(trainer, lineage)
     card = env.get_template("README.md.j2").render(
         front_matter=render_front_matter(matter), name=trainer.name,

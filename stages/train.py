@@ -53,7 +53,7 @@ def _trainer(spec: DemoRun, model, tokenizer, dataset, work: Path):
     common = dict(output_dir=str(work), max_steps=spec.steps, learning_rate=spec.learning_rate,
                   per_device_train_batch_size=spec.batch_size, logging_steps=1,
                   save_strategy="no", report_to=[], seed=spec.seed, use_cpu=True,
-                  activation_checkpointing=False,
+                  activation_checkpointing=False, bf16=False,  # bf16 matmuls crawl on CPU
                   disable_tqdm=not sys.stderr.isatty(), max_length=spec.max_length)
     if spec.method == "sft":
         from trl import SFTConfig, SFTTrainer

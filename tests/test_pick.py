@@ -1,0 +1,68 @@
+"""make pick: the newest complete run of a trainer goes into params.yaml."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import pick
+from stages.errors import ReleaseError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_output_root(root: Path, adapter: Path, runs: dict[str, str | None]) -> None:
+    """Trainer output root with runs named like timestamps; None = incomplete run."""
+    for name, finished in runs.items():
+        final = root / name / "final_model"
+        final.mkdir(parents=True)
+        if finished is None:
+            (final / "adapter_config.json").write_text("{}")  # crashed before saving weights
+            continue
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter / f, final / f)
+        (root / name / "training_lineage.json").write_text(json.dumps({"finished": finished}))
+
+
+@pytest.fixture()
+def params_copy(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    shutil.copy2(REPO / "params.yaml", path)
+    return path
+
+
+def test_pick_writes_the_newest_complete_run(demo_runs: dict[str, Path], params_copy: Path,
+                                             tmp_path: Path) -> None:
+    root = tmp_path / "sft_output_cpu"
+    fake_output_root(root, demo_runs["sft"] / "final_model", {
+        "20261101_090000": "2026-11-01T09:30:00+00:00",
+        "20261120_090000": "2026-11-20T09:30:00+00:00",
+        "20261126_090000": None,  # newest folder, but incomplete
+    })
+    text = params_copy.read_text().replace("output_root: inputs/runs/sft",
+                                           f"output_root: {root}")
+    params_copy.write_text(text)
+    result = pick.run(params_path=params_copy, trainer_key="sft")
+    assert result.changed
+    assert result.adapter == root / "20261120_090000" / "final_model"
+    data = yaml.safe_load(params_copy.read_text())
+    assert data["trainers"]["sft"]["adapter"] == str(result.adapter)
+    assert data["trainers"]["kto"] == yaml.safe_load(text)["trainers"]["kto"]
+    # one line changed, comments kept
+    changed = [a for a, b in zip(text.splitlines(), params_copy.read_text().splitlines()) if a != b]
+    assert len(changed) == 1 and "adapter:" in changed[0]
+    assert "# One entry per trainer" in params_copy.read_text()
+    assert pick.run(params_path=params_copy, trainer_key="sft").changed is False
+
+
+def test_pick_without_complete_runs_says_what_a_run_needs(params_copy: Path, tmp_path: Path) -> None:
+    root = tmp_path / "empty_output"
+    (root / "20261126_090000" / "final_model").mkdir(parents=True)
+    params_copy.write_text(params_copy.read_text().replace("output_root: inputs/runs/kto",
+                                                           f"output_root: {root}"))
+    with pytest.raises(ReleaseError, match="no complete run under .*adapter_model.safetensors"):
+        pick.run(params_path=params_copy, trainer_key="kto")
