@@ -1,0 +1,404 @@
+"""A peft LoRA adapter: read it, check it against a base, merge it exactly.
+
+Reads an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+as peft, Unsloth and TRL save it, plans every output tensor of the merged
+model from the base's shard headers, and produces merged tensors a chunk of
+rows at a time.  The math follows peft 0.21 (tuners/lora/layer.py,
+``Linear.get_delta_weight``; tuners/lora/variants.py, ``DoraLinearVariant``):
+
+    W' = W + s·(B@A)            s = alpha/r, or alpha/√r with use_rslora
+    W' = W + s·(B@A)ᵀ           embeddings and fan_in_fan_out layers
+    W' = m/‖W + s·B@A‖ · (W + s·B@A)   DoRA, the norm taken over each row
+
+accumulated in fp32 (``addmm_``) and rounded once to the base dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.errors import ReleaseError
+from stages.safetensors_io import IN_FLIGHT, Reader, TensorInfo, read_header
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PeftModel wraps the base as ``base_model.model``; its saved keys carry that prefix.
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+                      r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
+WHOLE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.default)?\.(?P<param>[^.]+)$")
+BASE_KEY = re.compile(r"^(?P<module>.+)\.(?:base_layer|original_module)(?:\.default)?\.(?P<param>[^.]+)$")
+# LoRA options whose adapters have no plain merged form here.
+UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "use_bdlora": "block-diagonal LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA", "use_qalora": "QALoRA", "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets", "megatron_config": "Megatron layers",
+    "trainable_token_indices": "trainable tokens",
+}
+# Initialisations that change the base weights themselves (peft docs, "LoRA init").
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+}
+# Rows per chunk hold about this many elements (4 MiB of fp32 work): large
+# enough that per-call overhead vanishes, small enough to stay in cache.
+CHUNK_ELEMENTS = 2**20
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-targeted layer: its A, B (and DoRA magnitude, bias) tensors."""
+
+    module: str
+    a: TensorInfo
+    b: TensorInfo
+    scale: float
+    transposed: bool
+    bias: TensorInfo | None = None
+    magnitude: TensorInfo | None = None
+
+    def expected_shape(self) -> tuple[int, int]:
+        """The base weight shape that B@A (or its transpose) fits."""
+        out, inp = self.b.shape[0], self.a.shape[1]
+        return (inp, out) if self.transposed else (out, inp)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter folder, read and checked (tensor bytes stay on disk)."""
+
+    path: Path
+    config: dict
+    modules: dict[str, LoraModule]
+    tensors: dict[str, TensorInfo]
+    base_layers: dict[str, TensorInfo]
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the merged model and where its bytes come from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorInfo
+    lora: LoraModule | None = None
+    lora_bias: LoraModule | None = None
+
+    @property
+    def copied(self) -> bool:
+        """True when the bytes are the source's, unchanged."""
+        return self.lora is None and self.lora_bias is None and self.source.dtype == self.dtype
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The merged model: its tensors in order, and what changed in its config."""
+
+    tensors: list[OutTensor]
+    untied: bool
+    vocab_size: int | None
+
+
+def read_config(folder: Path) -> dict:
+    """``adapter_config.json``, refused unless it is a LoRA we can merge."""
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ReleaseError(f"{folder} is not a peft adapter folder: {ADAPTER_CONFIG} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ReleaseError(f"{path} is not valid JSON: {exc}") from None
+    kind = str(config.get("peft_type", "")).upper()
+    if kind != "LORA":
+        raise ReleaseError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters "
+                           "(including DoRA and rsLoRA) can be merged into the base weights")
+    for key, what in UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise ReleaseError(f"{path}: `{key}` is set ({what}); merging that LoRA variant "
+                               "is not supported, merge it with peft instead")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        raise ReleaseError(
+            f"{path}: init_lora_weights is {init!r}, which changes the base weights; save the "
+            "adapter with peft's `path_initial_model_for_weight_conversion` to get a plain LoRA")
+    return config
+
+
+def normalise_key(key: str) -> str:
+    """Drop the PeftModel prefix; ``.default`` is dropped by the key patterns."""
+    return key.removeprefix(PEFT_PREFIX)
+
+
+def pattern_value(patterns: dict, module: str, default: float) -> float:
+    """peft's ``get_pattern_key``: the first pattern matching the end of ``module``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def module_scale(config: dict, module: str, rank: int) -> float:
+    """alpha/r (or alpha/√r with use_rslora), honouring rank_pattern / alpha_pattern."""
+    r = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    if r != rank:
+        raise ReleaseError(f"adapter config gives `{module}` rank {r}, but its lora_A has "
+                           f"{rank} rows; the adapter files do not belong together")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _lora_module(config: dict, module: str, parts: dict[str, TensorInfo]) -> LoraModule:
+    embedding = "lora_embedding_A" in parts
+    a = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
+    b = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
+    if a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        found = ", ".join(f"{k} {v.shape_text()}" for k, v in sorted(parts.items()))
+        raise ReleaseError(f"adapter module `{module}` needs a lora_A (r×in) and lora_B (out×r) "
+                           f"of the same rank; found {found}")
+    for info in (a, b):
+        if info.dtype not in FLOAT_DTYPES:
+            raise ReleaseError(f"adapter tensor `{info.name}` has dtype {info.dtype}; expected floats")
+    magnitude = parts.get("lora_magnitude_vector") or parts.get("lora_magnitude_vector.weight")
+    return LoraModule(module=module, a=a, b=b, scale=module_scale(config, module, a.shape[0]),
+                      transposed=embedding or bool(config.get("fan_in_fan_out")),
+                      bias=parts.get("lora_B.bias"), magnitude=magnitude)
+
+
+def load_adapter(folder: Path) -> Adapter:
+    """Read and check an adapter folder; tensor data stays on disk."""
+    config = read_config(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = folder / "adapter_model.bin"
+        raise ReleaseError(
+            f"{folder}: {ADAPTER_WEIGHTS} is missing"
+            + (" (only adapter_model.bin, a PyTorch pickle, which we do not load); re-save the "
+               "adapter with save_pretrained(..., safe_serialization=True)" if pickled.exists() else ""))
+    found, _ = read_header(weights)
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    tensors: dict[str, TensorInfo] = {}
+    base_layers: dict[str, TensorInfo] = {}
+    for key, info in found.items():
+        name = normalise_key(key)
+        if ".token_adapter." in name:
+            raise ReleaseError(f"adapter tensor `{key}` belongs to trainable tokens, which "
+                               "this merge does not support")
+        if match := LORA_KEY.match(name):
+            part = match["part"] + (f".{match['param']}" if match["param"] else "")
+            parts.setdefault(match["module"], {})[part] = info
+        elif match := WHOLE_KEY.match(name):
+            tensors[f"{match['module']}.{match['param']}"] = info
+        elif match := BASE_KEY.match(name):
+            base_layers.setdefault(f"{match['module']}.{match['param']}", info)
+        else:
+            tensors.setdefault(name, info)
+    modules = {m: _lora_module(config, m, p) for m, p in parts.items()}
+    if not modules and not tensors:
+        raise ReleaseError(f"{weights} holds no LoRA or replacement tensors")
+    return Adapter(path=folder, config=config, modules=modules, tensors=tensors,
+                   base_layers=base_layers)
+
+
+def resolve(name: str, names: dict[str, TensorInfo]) -> str | None:
+    """The base tensor an adapter name means, with or without a ``model.`` prefix."""
+    for candidate in (name, f"model.{name}", name.removeprefix("model.")):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def _fits(name: str, new: TensorInfo, base: TensorInfo) -> None:
+    """A whole tensor replaces a base one: same shape, or more vocabulary rows."""
+    resized = name in (EMBED, LM_HEAD) and len(new.shape) == 2 and new.shape[1:] == base.shape[1:]
+    if new.shape != base.shape and not resized:
+        raise ReleaseError(f"adapter tensor `{new.name}` is {new.shape_text()} but base tensor "
+                           f"`{name}` is {base.shape_text()}; is the base model right?")
+
+
+def _lora_target(module: LoraModule, sources: dict[str, TensorInfo]) -> str:
+    weight = resolve(f"{module.module}.weight", sources)
+    want = "×".join(map(str, module.expected_shape()))
+    if weight is None:
+        raise ReleaseError(f"adapter targets `{module.module}` but the base has no tensor "
+                           f"`{module.module}.weight` (adapter expects {want}); is the base right?")
+    base = sources[weight]
+    if base.shape != module.expected_shape():
+        raise ReleaseError(
+            f"adapter tensors `{module.a.name}` ({module.a.shape_text()}) and `{module.b.name}` "
+            f"({module.b.shape_text()}) need base tensor `{weight}` to be {want}, but it is "
+            f"{base.shape_text()}; is the base model right?")
+    if base.dtype not in FLOAT_DTYPES:
+        raise ReleaseError(f"base tensor `{weight}` has dtype {base.dtype}; a quantized base "
+                           "cannot be merged into, use the 16-bit base")
+    if module.magnitude is not None and (module.transposed or module.magnitude.shape != base.shape[:1]):
+        raise ReleaseError(f"DoRA on `{module.module}` (magnitude {module.magnitude.shape_text()}, "
+                           f"transposed={module.transposed}) is not supported; merge it with peft")
+    return weight
+
+
+def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, *, tied: bool) -> MergePlan:
+    """Every output tensor, checked against the base before anything is written.
+
+    ``tied``: the base shares embed_tokens with lm_head.  The tie is kept when
+    the adapter changes neither; otherwise both are written (untouched side
+    copied from the base), as the trained model computed them.
+    """
+    sources = dict(base)
+    if tied and LM_HEAD not in base and EMBED in base:
+        sources[LM_HEAD] = base[EMBED]
+    dtypes = {name: info.dtype for name, info in sources.items()}
+    changed: dict[str, OutTensor] = {}
+    for param, info in adapter.base_layers.items():
+        name = resolve(param, sources)
+        if name is not None and info.shape != sources[name].shape:
+            _fits(name, info, sources[name])
+            sources[name] = info
+            changed[name] = OutTensor(name, dtypes[name], info.shape, info)
+    for param, info in adapter.tensors.items():
+        name = resolve(param, sources)
+        if name is None:
+            raise ReleaseError(f"adapter carries tensor `{info.name}` ({info.shape_text()}) but "
+                               f"the base has no tensor `{param}`; is the base model right?")
+        _fits(name, info, sources[name])
+        changed[name] = OutTensor(name, dtypes[name], info.shape, info)
+    for module in adapter.modules.values():
+        weight = _lora_target(module, sources)
+        changed[weight] = OutTensor(weight, dtypes[weight], sources[weight].shape,
+                                    sources[weight], lora=module)
+        if module.bias is not None:
+            bias = _bias_out(module, sources)
+            changed[bias.name] = bias
+    untied = tied and bool({EMBED, LM_HEAD} & changed.keys())
+    names = sorted(base) + ([LM_HEAD] if untied and LM_HEAD not in base else [])
+    tensors = [changed.get(n) or OutTensor(n, dtypes[n], sources[n].shape, sources[n])
+               for n in names]
+    return MergePlan(tensors=tensors, untied=untied, vocab_size=_vocab(tensors, base))
+
+
+def _bias_out(module: LoraModule, sources: dict[str, TensorInfo]) -> OutTensor:
+    name = resolve(f"{module.module}.bias", sources)
+    if name is None:
+        raise ReleaseError(f"adapter has a LoRA bias for `{module.module}` (lora_bias=True) but "
+                           "the base layer has no bias, so it cannot be merged")
+    src = sources[name]
+    if src.shape != module.bias.shape:
+        raise ReleaseError(f"adapter tensor `{module.bias.name}` is {module.bias.shape_text()} but "
+                           f"base tensor `{name}` is {src.shape_text()}; is the base model right?")
+    return OutTensor(name, src.dtype, src.shape, src, lora_bias=module)
+
+
+def _vocab(tensors: list[OutTensor], base: dict[str, TensorInfo]) -> int | None:
+    rows = {t.name: t.shape[0] for t in tensors if t.name in (EMBED, LM_HEAD)}
+    if len(set(rows.values())) > 1:
+        raise ReleaseError(f"merged vocabulary sizes disagree: {rows}; the adapter resized only "
+                           "one of embed_tokens / lm_head")
+    before = {base[n].shape[0] for n in rows if n in base}
+    new = next(iter(rows.values()), None)
+    return new if new is not None and new not in before else None
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: its OpenMP workers collapse (20x measured) when
+    another process competes for our two cores, and the I/O needs the other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Scratch:
+    """Reusable buffers, so every chunk touches the same memory pages."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._turn = 0
+
+    def output(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for a chunk handed to the writer: IN_FLIGHT + 1 take turns."""
+        self._turn = (self._turn + 1) % (IN_FLIGHT + 1)
+        return self.get(f"out{self._turn}", numel, dtype)
+
+    def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D tensor of ``numel`` elements backed by buffer ``key``."""
+        need = numel * dtype.itemsize
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < need:
+            buf = self._bufs[key] = torch.empty(need, dtype=torch.uint8)
+        return buf[:need].view(dtype)
+
+
+def load_float(reader: Reader, info: TensorInfo) -> torch.Tensor:
+    """A small tensor (LoRA A/B, magnitude, bias) as fp32."""
+    raw = reader.read(info)
+    return torch.frombuffer(raw, dtype=FLOAT_DTYPES[info.dtype]).reshape(info.shape).float().clone()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _lora_chunks(item: OutTensor, reader: Reader, scratch: Scratch) -> Iterator[memoryview]:
+    module = item.lora
+    a, b = load_float(reader, module.a), load_float(reader, module.b)
+    left, right = (a.t().contiguous(), b.t().contiguous()) if module.transposed else (b, a)
+    magnitude = load_float(reader, module.magnitude) if module.magnitude is not None else None
+    rows, cols = item.shape
+    step = max(1, CHUNK_ELEMENTS // cols)
+    src_dtype, out_dtype = FLOAT_DTYPES[item.source.dtype], FLOAT_DTYPES[item.dtype]
+    row_bytes = cols * src_dtype.itemsize
+    for lo in range(0, rows, step):
+        n = min(step, rows - lo)
+        raw = scratch.get("in", n * row_bytes, torch.uint8)
+        reader.read_into(item.source, _bytes(raw), lo * row_bytes)
+        work = scratch.get("work", n * cols, torch.float32).view(n, cols)
+        work.copy_(raw.view(src_dtype).view(n, cols))
+        work.addmm_(left[lo:lo + n], right, alpha=module.scale)
+        if magnitude is not None:
+            norm = torch.linalg.vector_norm(work, dim=1)
+            work.mul_((magnitude[lo:lo + n] / norm).unsqueeze(1))
+        out = scratch.output(n * cols, out_dtype)
+        out.view(n, cols).copy_(work)
+        yield _bytes(out)
+
+
+def _cast_chunks(item: OutTensor, reader: Reader, scratch: Scratch) -> Iterator[memoryview]:
+    src_dtype, out_dtype = FLOAT_DTYPES[item.source.dtype], FLOAT_DTYPES[item.dtype]
+    total = item.source.numel
+    for lo in range(0, total, CHUNK_ELEMENTS):
+        n = min(CHUNK_ELEMENTS, total - lo)
+        raw = scratch.get("in", n * src_dtype.itemsize, torch.uint8)
+        reader.read_into(item.source, _bytes(raw), lo * src_dtype.itemsize)
+        out = scratch.output(n, out_dtype)
+        out.copy_(raw.view(src_dtype))
+        yield _bytes(out)
+
+
+def tensor_chunks(item: OutTensor, reader: Reader, scratch: Scratch) -> Iterator[memoryview]:
+    """The bytes of a merged, biased or re-typed tensor, chunk by chunk."""
+    if item.lora is not None:
+        return _lora_chunks(item, reader, scratch)
+    if item.lora_bias is not None:
+        module = item.lora_bias
+        merged = load_float(reader, item.source) + module.scale * load_float(reader, module.bias)
+        return iter([_bytes(merged.to(FLOAT_DTYPES[item.dtype]))])
+    if item.source.dtype not in FLOAT_DTYPES or item.dtype not in FLOAT_DTYPES:
+        raise ReleaseError(f"`{item.name}`: cannot convert {item.source.dtype} to {item.dtype}")
+    return _cast_chunks(item, reader, scratch)
