@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -67,12 +68,14 @@ def run(*, out: Path, package: str = DEFAULT_PACKAGE) -> BaseResult:
         dtype=torch.bfloat16,
         quantization_config=GgufConfig(dequantize=True),
     )
-    model.config.quantization_config = None
+    # Dequantized weights: the saved model must not claim to be quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic.output_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        config = tmp / "config.json"
-        if "quantization_config" in config.read_text():
+        config = json.loads((tmp / "config.json").read_text())
+        if "quantization_config" in config:
             raise ReleaseError(f"{gguf.name}: saved config still names a quantization_config")
     seconds = time.monotonic() - start
     log.info("wrote %s in %.0f s", out, seconds)
