@@ -22,11 +22,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -85,10 +87,65 @@ def source_dir(version: str) -> Path:
     return src
 
 
+def describe(version: str) -> str:
+    """What a manifest records: the package pin and the tools' own version line."""
+    text = f"llama-cpp-python=={version}"
+    try:
+        res = subprocess.run([str(tool_path("llama-completion", version)), "--version"],
+                             capture_output=True, text=True, timeout=30)
+    except (LlamaCppError, OSError, subprocess.TimeoutExpired):
+        return f"{text} (tools not built)"
+    line = next((ln for ln in (res.stdout + res.stderr).splitlines()
+                 if ln.startswith("version:")), "")
+    return f"{text} (llama.cpp {line.removeprefix('version:').strip()})" if line else text
+
+
 def is_built(version: str) -> bool:
     """True when every tool in TOOLS exists for ``version``."""
     root = install_dir(version)
     return (root / "BUILD.json").is_file() and all((root / "bin" / t).is_file() for t in TOOLS)
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """A finished tool run: its exit code and everything it printed."""
+
+    returncode: int
+    output: str
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of the output, for error messages."""
+        return "\n".join(self.output.strip().splitlines()[-lines:])
+
+
+def run_tool(cmd: list[str], *, progress: re.Pattern[str] | None = None,
+             desc: str = "") -> ToolRun:
+    """Run a llama.cpp program, capturing its output.
+
+    With ``progress`` (a pattern whose groups are ``done`` and ``total``), a
+    tqdm bar follows the tool's own counters (e.g. llama-quantize's
+    ``[ 12/ 272]`` per tensor); the bar is quiet when stderr is not a terminal.
+    """
+    from tqdm import tqdm
+
+    log.debug("$ %s", " ".join(cmd))
+    lines: list[str] = []
+    bar = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            match = progress.search(line) if progress else None
+            if match:
+                done, total = int(match["done"]), int(match["total"])
+                if bar is None:
+                    bar = tqdm(total=total, desc=desc, unit="tensor",
+                               disable=not sys.stderr.isatty())
+                bar.update(done - bar.n)
+    if bar is not None:
+        bar.close()
+    return ToolRun(returncode=proc.returncode, output="".join(lines))
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:

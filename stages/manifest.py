@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from stages import llamacpp
 from stages.errors import ReleaseError
 from stages.hashing import sha256_file
 from stages.templates import environment
@@ -47,7 +48,7 @@ def artifact(root: Path, path: Path, *, fmt: str, kind: str, level: str | None =
 
 def tool_versions(llama_cpp_version: str) -> dict[str, str]:
     """Versions of llama.cpp and the Python packages that made the artifacts."""
-    versions = {"llama.cpp": f"llama-cpp-python=={llama_cpp_version} (vendored llama.cpp)"}
+    versions = {"llama.cpp": llamacpp.describe(llama_cpp_version)}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

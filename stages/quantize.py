@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,9 @@ FALLBACK = re.compile(
     r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) "
     r"\(required for type\s+(\w+)\).*?-> falling back to\s+(\w+)"
 )
+
+# llama-quantize's per-tensor line: "[  12/ 272]  blk.0.attn_k.weight - [576, 192, ...]"
+TENSOR_PROGRESS = re.compile(r"^\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,11 @@ def run(*, source: Path, out: Path, level: QuantLevel, llama_cpp_version: str) -
         cmd = [str(tool), *level.quantize_args(), str(source), str(tmp), level.name,
                str(os.cpu_count() or 1)]
         log.info("quantizing %s to %s", source.name, level.name)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        text = result.stdout + result.stderr
+        result = llamacpp.run_tool(cmd, progress=TENSOR_PROGRESS, desc=level.name)
         if result.returncode != 0:
-            tail = "\n".join(text.strip().splitlines()[-15:])
             raise ReleaseError(f"llama-quantize failed (exit {result.returncode}) for "
-                               f"{level.name}:\n{tail}")
-    fallbacks = parse_fallbacks(text)
+                               f"{level.name}:\n{result.tail()}")
+    fallbacks = parse_fallbacks(result.output)
     for fb in fallbacks:
         log.warning("%s: %d tensors used %s instead of %s (rows not a multiple of %d)",
                     level.name, fb.tensors, fb.used, fb.wanted, fb.block)
