@@ -51,6 +51,9 @@ pick: venv  ## point a trainer at its newest complete run: make pick TRAINER=sft
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make pick TRAINER=sft" >&2; exit 2; fi
 	$(PY) -m stages.pick --params params.yaml --trainer $(TRAINER)
 
+bench: venv  ## merge benchmark: cp -r vs our merge vs peft, 1.1B and 3B synthetic Llamas
+	$(PY) bench/bench_merge.py
+
 status: venv  ## what dvc would rerun
 	$(DVC) status
 

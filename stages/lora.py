@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import re
 from collections.abc import Iterator
@@ -29,8 +28,6 @@ import torch
 from stages.errors import ReleaseError
 from stages.safetensors_io import IN_FLIGHT, Reader, TensorInfo, read_header
 
-log = logging.getLogger(__name__)
-
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PeftModel wraps the base as ``base_model.model``; its saved keys carry that prefix.
@@ -38,7 +35,8 @@ PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                       r"lora_magnitude_vector)(?:\.default)?(?:\.(?P<param>weight|bias))?$")
 WHOLE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.default)?\.(?P<param>[^.]+)$")
-BASE_KEY = re.compile(r"^(?P<module>.+)\.(?:base_layer|original_module)(?:\.default)?\.(?P<param>[^.]+)$")
+# The untrained original beside a modules_to_save copy; needed only when resized.
+ORIGINAL_KEY = re.compile(r"^(?P<module>.+)\.original_module\.(?P<param>[^.]+)$")
 # LoRA options whose adapters have no plain merged form here.
 UNSUPPORTED_OPTIONS: dict[str, str] = {
     "use_bdlora": "block-diagonal LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -49,9 +47,8 @@ UNSUPPORTED_OPTIONS: dict[str, str] = {
 }
 # Initialisations that change the base weights themselves (peft docs, "LoRA init").
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-}
+FLOAT_DTYPES: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16,
+                                         "F32": torch.float32, "F64": torch.float64}
 # Rows per chunk hold about this many elements (4 MiB of fp32 work): large
 # enough that per-call overhead vanishes, small enough to stay in cache.
 CHUNK_ELEMENTS = 2**20
@@ -123,8 +120,7 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except ValueError as exc:
         raise ReleaseError(f"{path} is not valid JSON: {exc}") from None
-    kind = str(config.get("peft_type", "")).upper()
-    if kind != "LORA":
+    if str(config.get("peft_type", "")).upper() != "LORA":
         raise ReleaseError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters "
                            "(including DoRA and rsLoRA) can be merged into the base weights")
     for key, what in UNSUPPORTED_OPTIONS.items():
@@ -184,11 +180,10 @@ def load_adapter(folder: Path) -> Adapter:
     config = read_config(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
-        pickled = folder / "adapter_model.bin"
-        raise ReleaseError(
-            f"{folder}: {ADAPTER_WEIGHTS} is missing"
-            + (" (only adapter_model.bin, a PyTorch pickle, which we do not load); re-save the "
-               "adapter with save_pretrained(..., safe_serialization=True)" if pickled.exists() else ""))
+        pickled = (folder / "adapter_model.bin").exists()
+        raise ReleaseError(f"{folder}: {ADAPTER_WEIGHTS} is missing" + (
+            " (only adapter_model.bin, a PyTorch pickle, which we do not load); re-save the "
+            "adapter with save_pretrained(..., safe_serialization=True)" if pickled else ""))
     found, _ = read_header(weights)
     parts: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
@@ -203,10 +198,10 @@ def load_adapter(folder: Path) -> Adapter:
             parts.setdefault(match["module"], {})[part] = info
         elif match := WHOLE_KEY.match(name):
             tensors[f"{match['module']}.{match['param']}"] = info
-        elif match := BASE_KEY.match(name):
+        elif match := ORIGINAL_KEY.match(name):
             base_layers.setdefault(f"{match['module']}.{match['param']}", info)
-        else:
-            tensors.setdefault(name, info)
+        else:  # whole tensors: saved embeddings, biases (bias="all"), base_layer copies
+            tensors.setdefault(name.replace(".base_layer.", "."), info)
     modules = {m: _lora_module(config, m, p) for m, p in parts.items()}
     if not modules and not tensors:
         raise ReleaseError(f"{weights} holds no LoRA or replacement tensors")
@@ -216,10 +211,8 @@ def load_adapter(folder: Path) -> Adapter:
 
 def resolve(name: str, names: dict[str, TensorInfo]) -> str | None:
     """The base tensor an adapter name means, with or without a ``model.`` prefix."""
-    for candidate in (name, f"model.{name}", name.removeprefix("model.")):
-        if candidate in names:
-            return candidate
-    return None
+    candidates = (name, f"model.{name}", name.removeprefix("model."))
+    return next((c for c in candidates if c in names), None)
 
 
 def _fits(name: str, new: TensorInfo, base: TensorInfo) -> None:
@@ -269,19 +262,22 @@ def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, *, tied: bool) -> 
             _fits(name, info, sources[name])
             sources[name] = info
             changed[name] = OutTensor(name, dtypes[name], info.shape, info)
+    if sources.get(LM_HEAD) is base.get(EMBED) is not None:
+        sources[LM_HEAD] = sources[EMBED]  # a tied head shares the resized embedding
     for param, info in adapter.tensors.items():
         name = resolve(param, sources)
         if name is None:
             raise ReleaseError(f"adapter carries tensor `{info.name}` ({info.shape_text()}) but "
                                f"the base has no tensor `{param}`; is the base model right?")
         _fits(name, info, sources[name])
+        sources[name] = info  # a LoRA on this layer applies to the adapter's copy
         changed[name] = OutTensor(name, dtypes[name], info.shape, info)
     for module in adapter.modules.values():
         weight = _lora_target(module, sources)
         changed[weight] = OutTensor(weight, dtypes[weight], sources[weight].shape,
                                     sources[weight], lora=module)
         if module.bias is not None:
-            bias = _bias_out(module, sources)
+            bias = _bias_out(module, sources, dtypes)
             changed[bias.name] = bias
     untied = tied and bool({EMBED, LM_HEAD} & changed.keys())
     names = sorted(base) + ([LM_HEAD] if untied and LM_HEAD not in base else [])
@@ -290,7 +286,8 @@ def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, *, tied: bool) -> 
     return MergePlan(tensors=tensors, untied=untied, vocab_size=_vocab(tensors, base))
 
 
-def _bias_out(module: LoraModule, sources: dict[str, TensorInfo]) -> OutTensor:
+def _bias_out(module: LoraModule, sources: dict[str, TensorInfo],
+              dtypes: dict[str, str]) -> OutTensor:
     name = resolve(f"{module.module}.bias", sources)
     if name is None:
         raise ReleaseError(f"adapter has a LoRA bias for `{module.module}` (lora_bias=True) but "
@@ -299,7 +296,7 @@ def _bias_out(module: LoraModule, sources: dict[str, TensorInfo]) -> OutTensor:
     if src.shape != module.bias.shape:
         raise ReleaseError(f"adapter tensor `{module.bias.name}` is {module.bias.shape_text()} but "
                            f"base tensor `{name}` is {src.shape_text()}; is the base model right?")
-    return OutTensor(name, src.dtype, src.shape, src, lora_bias=module)
+    return OutTensor(name, dtypes[name], src.shape, src, lora_bias=module)
 
 
 def _vocab(tensors: list[OutTensor], base: dict[str, TensorInfo]) -> int | None:
@@ -314,8 +311,7 @@ def _vocab(tensors: list[OutTensor], base: dict[str, TensorInfo]) -> int | None:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch on one thread: its OpenMP workers collapse (20x measured) when
-    another process competes for our two cores, and the I/O needs the other."""
+    """torch on one thread: its OpenMP workers stall ~20x when other processes compete."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -337,7 +333,7 @@ class Scratch:
         return self.get(f"out{self._turn}", numel, dtype)
 
     def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A 1-D tensor of ``numel`` elements backed by buffer ``key``."""
+        """A 1-D tensor of ``numel`` elements backed by buffer ``key`` (grown as needed)."""
         need = numel * dtype.itemsize
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < need:
@@ -352,7 +348,7 @@ def load_float(reader: Reader, info: TensorInfo) -> torch.Tensor:
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def _lora_chunks(item: OutTensor, reader: Reader, scratch: Scratch) -> Iterator[memoryview]:

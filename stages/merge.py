@@ -1,9 +1,8 @@
 """Merge a LoRA adapter into its base model, streaming (the ``merge`` stage).
 
-Reads:  ``--adapter`` (a peft adapter folder; its tokenizer files, chat template
-        and generation_config.json when the trainer saved them) and ``--base``
-        (the 16-bit model folder; by default the trainer's ``base_model.path``,
-        else the adapter's ``base_model_name_or_path`` if local or cached).
+Reads:  ``--adapter`` (a peft adapter folder, with the tokenizer, chat template
+        and generation config if the trainer saved them) and ``--base`` (16-bit;
+        default: the trainer's ``base_model.path``, else the adapter's base).
 Writes: ``--out``: ``model-0000i-of-0000n.safetensors`` + index, config.json (no
         quantization_config; vocab_size, tie_word_embeddings updated), tokenizer,
         chat template, generation config.  Atomically.
@@ -46,8 +45,7 @@ GENERATION_CONFIG = "generation_config.json"
 # Unsloth names its pre-quantized bases `unsloth/<model>-bnb-4bit` or
 # `unsloth/<model>-unsloth-bnb-4bit`; `unsloth/<model>` is the 16-bit one.
 UNSLOTH_4BIT = re.compile(r"^(?P<id>unsloth/.+?)(?:-unsloth)?-bnb-4bit$")
-# Resident memory of the process itself: Python with torch imported measured
-# ~250 MB here; rounded up for safety.
+# The process itself: Python with torch imported measured ~250 MB; rounded up.
 PROCESS_RAM = 400 * 2**20
 
 
@@ -112,42 +110,33 @@ def side_files(base: Path, adapter: Path) -> dict[str, Path]:
     template_src = adapter if any((adapter / f).is_file() for f in TEMPLATE_FILES) else tokenizer_src
     chosen = {f: tokenizer_src / f for f in TOKENIZER_FILES if (tokenizer_src / f).is_file()}
     chosen |= {f: template_src / f for f in TEMPLATE_FILES if (template_src / f).is_file()}
-    for src in (adapter, base):
-        if (src / GENERATION_CONFIG).is_file():
-            chosen[GENERATION_CONFIG] = src / GENERATION_CONFIG
-            break
-    return chosen
+    found = [src / GENERATION_CONFIG for src in (adapter, base) if (src / GENERATION_CONFIG).is_file()]
+    return chosen | ({GENERATION_CONFIG: found[0]} if found else {})
 
 
 def merged_config(config: dict, plan: MergePlan) -> dict:
     """config.json of the merged model."""
     config = {k: v for k, v in config.items() if k != "quantization_config"}
-    if plan.vocab_size is not None:
-        config["vocab_size"] = plan.vocab_size
-    if plan.untied:
-        config["tie_word_embeddings"] = False
-    return config
+    config |= {"vocab_size": plan.vocab_size} if plan.vocab_size is not None else {}
+    return config | ({"tie_word_embeddings": False} if plan.untied else {})
 
 
 def check_resources(*, need_disk: int, free_disk: int, need_ram: int, free_ram: int,
                     out: Path) -> None:
     """Refuse to start a merge that cannot finish."""
     if need_disk > free_disk:
-        raise ReleaseError(f"not enough disk for {out}: the merged model needs "
-                           f"{need_disk / 1e9:.2f} GB, {free_disk / 1e9:.2f} GB are free; free "
-                           "space or choose --out on another disk")
+        raise ReleaseError(f"not enough disk for {out}: the merged model needs {need_disk / 1e9:.2f}"
+                           f" GB, {free_disk / 1e9:.2f} GB are free; free space or use another --out")
     if need_ram > free_ram:
         raise ReleaseError(f"not enough memory: the merge needs {need_ram / 1e9:.2f} GB (largest "
                            f"LoRA pair + buffers), {free_ram / 1e9:.2f} GB are available")
 
 
 def _preflight(plan: MergePlan, files: dict[str, Path], out: Path, shards: int) -> None:
-    existing = out.resolve()
-    while not existing.exists():
-        existing = existing.parent
-    need_disk = sum(TensorSpec(t.name, t.dtype, t.shape).nbytes for t in plan.tensors)
+    existing = next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())
     # 1 MiB per shard for its JSON header (a few KB per hundred tensors).
-    need_disk += shards * 2**20 + sum(p.stat().st_size for p in files.values())
+    need_disk = sum(TensorSpec(t.name, t.dtype, t.shape).nbytes for t in plan.tensors) \
+        + shards * 2**20 + sum(p.stat().st_size for p in files.values())
     pairs = [t.lora.a.numel + t.lora.b.numel for t in plan.tensors if t.lora is not None]
     need_ram = PROCESS_RAM + 8 * max(pairs, default=0) + 3 * 4 * CHUNK_ELEMENTS
     check_resources(need_disk=need_disk, free_disk=shutil.disk_usage(existing).free,
@@ -181,7 +170,7 @@ def run_unsloth(*, base: Path | None, adapter: Path, out: Path) -> None:
         raise ReleaseError("--backend unsloth needs a CUDA GPU and none is visible; use the "
                            "default backend (--backend ours)")
     from peft import PeftModel
-    from unsloth import FastLanguageModel
+    from unsloth import FastLanguageModel  # imported only here: it patches transformers
 
     model, tokenizer = FastLanguageModel.from_pretrained(str(base), load_in_4bit=False)
     model = PeftModel.from_pretrained(model, str(adapter))
@@ -212,37 +201,33 @@ def run(*, base: Path | None, adapter: Path, out: Path,
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
     merged = sum(t.lora is not None or t.lora_bias is not None for t in plan.tensors)
-    copied = sum(t.copied and t.source in set(tensors.values()) for t in plan.tensors)
+    copied = sum(t.copied and t.source.path.parent != lora.path for t in plan.tensors)
     result = MergeResult(out=out, base=base, shards=tuple(writer.names), merged=merged,
                          replaced=len(plan.tensors) - merged - copied, copied=copied,
                          untied=plan.untied, vocab_size=plan.vocab_size,
                          total_bytes=writer.total_size, seconds=time.monotonic() - start)
     log.info("wrote %s: %d merged, %d replaced, %d copied tensors, %.2f GB in %.1f s", out,
-             result.merged, result.replaced, result.copied, result.total_bytes / 1e9,
-             result.seconds)
+             merged, result.replaced, copied, result.total_bytes / 1e9, result.seconds)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.merge",
-        description="Merge a LoRA adapter into its 16-bit base model, one tensor at a time: "
-        "memory stays flat whatever the model size, every merged weight is W + scale·B@A "
-        "computed in fp32 and rounded once, untouched tensors are copied byte for byte.",
-        epilog="The base is, in order: --base; the trainer's base_model.path in params.yaml "
+    parser = argparse.ArgumentParser(prog="python -m stages.merge", description=(
+        "Merge a LoRA adapter into its 16-bit base model, one tensor at a time: memory stays "
+        "flat whatever the model size, every merged weight is W + scale·B@A computed in fp32 and "
+        "rounded once, untouched tensors are copied byte for byte."), epilog=(
+        "The base is, in order: --base; the trainer's base_model.path in params.yaml "
         "(--trainer); the adapter's base_model_name_or_path if it is a local folder or in the "
-        "Hugging Face cache (Unsloth's `-bnb-4bit` names are mapped to the 16-bit model).")
-    parser.add_argument("--adapter", type=Path, help="peft adapter folder (default with "
-                        "--trainer: the trainer's `adapter` in params.yaml)")
+        "Hugging Face cache (Unsloth's `-bnb-4bit` names are mapped to the 16-bit model)."))
+    parser.add_argument("--adapter", type=Path, help="peft adapter folder (or see --trainer)")
     parser.add_argument("--base", type=Path, help="16-bit base model folder (see below)")
     parser.add_argument("--out", type=Path, required=True, help="merged model folder to write")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="cap on each safetensors shard, e.g. 1GB, 500MB (default: %(default)s)")
     parser.add_argument("--backend", choices=("ours", "unsloth"), default="ours",
                         help="`unsloth` calls Unsloth's merge (needs unsloth and CUDA)")
-    parser.add_argument("--trainer", help="trainer key in params.yaml: its adapter and base")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file for --trainer (default: %(default)s)")
+    parser.add_argument("--trainer", help="trainer key in --params: default adapter and base")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     add_common(parser)
     args = parser.parse_args(argv)
 

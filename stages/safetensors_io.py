@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import math
 import os
 import queue
@@ -31,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import ReleaseError
-
-log = logging.getLogger(__name__)
 
 # Bytes per element, from the safetensors spec (Dtype enum).
 DTYPE_SIZES: dict[str, int] = {
@@ -281,6 +278,8 @@ class ShardWriter:
             if self._error is None:
                 try:
                     op()
+                except OSError as exc:  # e.g. the disk filled up after the preflight check
+                    self._error = ReleaseError(f"writing shards in {self.folder} failed: {exc}")
                 except BaseException as exc:  # handed to the caller's thread in _submit
                     self._error = exc
 

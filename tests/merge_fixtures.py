@@ -1,0 +1,197 @@
+"""Builders for the merge tests: real peft adapters, a pico Llama, float64 references.
+
+Plain functions (the fixtures that call them live in the test modules), so the
+expensive SmolLM2 adapters can be built once per session.  The reference merge
+here is written from peft's formulas on whole float64 tensors and shares no
+code with stages/lora.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PEFT_PREFIX = "base_model.model."
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+# SmolLM2's vocabulary (49152) plus 8 added tokens.
+ADDED_TOKENS = [f"<|extra_{i}|>" for i in range(8)]
+NEW_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def load_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder (all shards), as stored."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def randomise(model: torch.nn.Module, seed: int, *, std: float = 0.02) -> None:
+    """Give every adapter parameter non-trivial values (peft starts B at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name or "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.rand(param.shape, generator=gen))
+            elif "modules_to_save" in name or (name.endswith(".bias") and param.requires_grad):
+                param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * std)
+
+
+def build_peft_adapter(base: Path, out: Path, config, *, seed: int = 0,
+                       resize: int | None = None, tokenizer: bool = False) -> Path:
+    """A real adapter: peft.get_peft_model on ``base``, randomised, saved."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    if resize:
+        model.resize_token_embeddings(resize, mean_resizing=False)
+    peft_model = get_peft_model(model, config)
+    randomise(peft_model, seed)
+    peft_model.save_pretrained(out)
+    if tokenizer:
+        tok = AutoTokenizer.from_pretrained(base)
+        tok.add_tokens(ADDED_TOKENS, special_tokens=True)
+        tok.chat_template = NEW_TEMPLATE
+        tok.save_pretrained(out)
+    return out
+
+
+def peft_merged(base: Path, adapter: Path, *, resize: int | None = None) -> dict[str, torch.Tensor]:
+    """peft's merge_and_unload result, as an in-memory state dict."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    if resize:
+        model.resize_token_embeddings(resize, mean_resizing=False)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def build_pico(out: Path, *, seed: int = 0, tied: bool = True, hidden: int = 16,
+               vocab: int = 64, bias: bool = False, shard: str = "8KB") -> Path:
+    """A two-layer Llama with a tiny hidden size, saved bf16 in several shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab,
+                         tie_word_embeddings=tied, attention_bias=bias,
+                         max_position_embeddings=64)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    model.save_pretrained(out, max_shard_size=shard)
+    return out
+
+
+def write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A hand-written adapter folder (for key layouts peft no longer writes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    return out
+
+
+def _pattern(patterns: dict, module: str, default: float) -> float:
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _normal(key: str) -> str:
+    return key.removeprefix(PEFT_PREFIX).replace(".default", "")
+
+
+def _scale(cfg: dict, module: str) -> float:
+    r = _pattern(cfg.get("rank_pattern"), module, cfg["r"])
+    alpha = _pattern(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _merged_lora(w: torch.Tensor, found: dict, module: str, scale: float,
+                 fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """W + s·B@A (DoRA-scaled if a magnitude is saved), and its fp32 error bound."""
+    embedding = f"{module}.lora_embedding_A" in found
+    a = found[f"{module}.lora_embedding_A" if embedding else f"{module}.lora_A.weight"]
+    b = found[f"{module}.lora_embedding_B" if embedding else f"{module}.lora_B.weight"]
+    delta, size = scale * (b @ a), scale * (b.abs() @ a.abs())
+    if embedding or fan_in_fan_out:
+        delta, size = delta.T, size.T
+    weight = w + delta
+    bound = (a.shape[0] + 4) * 2.0**-24 * (w.abs() + size)
+    if f"{module}.lora_magnitude_vector" in found:
+        norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+        factor = found[f"{module}.lora_magnitude_vector"].unsqueeze(1) / norm
+        weight = factor * weight
+        bound = factor.abs() * bound + (weight.shape[1] + 4) * 2.0**-24 * weight.abs()
+    return weight, bound
+
+
+def reference_merge(base: Path, adapter: Path) -> tuple[dict, set[str], dict]:
+    """The exact merged model in float64 (whole tensors, peft's formulas).
+
+    Also returns the names of the tensors the adapter changes, and for merged
+    tensors the worst-case error of computing them in fp32 (Higham's bound
+    γ_n·(|W| + s·|B|@|A|), n = r + 4, ×(row length) more for DoRA's norm): an
+    fp32 merge may round to the other neighbour only within that distance.
+    """
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    found = {_normal(k): v.double() for k, v in
+             load_file(adapter / "adapter_model.safetensors").items()}
+    ref = {k: v.double() for k, v in load_model_tensors(base).items()}
+    tied = LM_HEAD not in ref
+    if tied:
+        ref[LM_HEAD] = ref[EMBED].clone()
+    changed, bounds = set(), {}
+    for key, value in found.items():
+        if ".original_module." in key or ".lora_" in key:
+            continue
+        # peft saves a modules_to_save copy under both names; base_layer copies are
+        # the (possibly trained, bias="all") base tensors under a LoRA layer
+        name = key.replace(".modules_to_save", "").replace(".base_layer", "")
+        ref[name] = value
+        changed.add(name)
+    for key in [k for k in found if k.endswith((".lora_A.weight", ".lora_embedding_A"))]:
+        module = key.rsplit(".lora_", 1)[0]
+        scale = _scale(cfg, module)
+        ref[f"{module}.weight"], bounds[f"{module}.weight"] = _merged_lora(
+            ref[f"{module}.weight"], found, module, scale, cfg.get("fan_in_fan_out", False))
+        changed.add(f"{module}.weight")
+        if f"{module}.lora_B.bias" in found:
+            ref[f"{module}.bias"] = ref[f"{module}.bias"] + scale * found[f"{module}.lora_B.bias"]
+            changed.add(f"{module}.bias")
+    if tied and not {EMBED, LM_HEAD} & changed:
+        del ref[LM_HEAD]
+    return ref, changed, bounds
+
+
+def rounding_error(ours: torch.Tensor, ref: torch.Tensor,
+                   bound: torch.Tensor | float = 0.0) -> tuple[float, float]:
+    """(excess, mean error) of a bf16 ``ours`` against the exact ``ref``.
+
+    excess: how far ``ours`` strays beyond rounding, in bf16 half-steps; 0 when
+    every element is ``ref`` rounded to bf16, or the other neighbour where
+    ``ref`` lies within ``bound`` (the fp32 error bound) of the midpoint.
+    """
+    error = (ours.double() - ref).abs_()
+    # half a bf16 step at |ours|: 2^(exponent - 127 - 8), exponent from the bits
+    exponent = (ours.view(torch.int16).int() >> 7) & 0xFF
+    half_step = torch.exp2((exponent.clamp_min(1) - 135).double())
+    excess = ((error - bound) / half_step - 1).clamp_min_(0).max()
+    return float(excess), float(error.mean())
