@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from stages import atomic, llamacpp
 from stages.cli import add_common, run_main
 from stages.errors import ReleaseError
@@ -67,6 +69,24 @@ def model_bytes(model: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def model_view(model: Path, view: Path, trainer: Trainer) -> Path:
+    """``view``: links to every file of ``model`` plus a README.md holding our license.
+
+    gguf-py's ``--metadata`` override has no ``general.license`` key: it takes the
+    license only from the model card's front matter (gguf-py/gguf/metadata.py,
+    ``use_model_card_metadata("license", ...)``), so the view carries a card
+    whose front matter says what params say.
+    """
+    view.mkdir(parents=True, exist_ok=True)
+    for item in model.iterdir():
+        if item.name != "README.md":
+            (view / item.name).symlink_to(item.resolve())
+    card = yaml.safe_dump({"license": trainer.license, "tags": list(trainer.tags),
+                           "base_model": trainer.base_model.id}, sort_keys=False)
+    (view / "README.md").write_text(f"---\n{card}---\n")
+    return view
+
+
 def check_free_disk(folder: Path, need: int) -> None:
     """Fail early, with the numbers, when ``folder`` lacks ``need`` bytes."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +108,8 @@ def run(*, model: Path, out: Path, trainer: Trainer, outtype: str,
     with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out) as tmp:
         meta = Path(tmp_dir) / "metadata.json"
         meta.write_text(json.dumps(gguf_metadata(trainer), indent=2))
-        cmd = [sys.executable, str(script), str(model), "--outfile", str(tmp),
+        source = model_view(model, Path(tmp_dir) / "model", trainer)
+        cmd = [sys.executable, str(script), str(source), "--outfile", str(tmp),
                "--outtype", outtype, "--metadata", str(meta)]
         log.info("converting %s to %s GGUF", model, outtype)
         result = subprocess.run(cmd, capture_output=True, text=True)
