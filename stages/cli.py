@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -40,3 +41,20 @@ def run_main(args: argparse.Namespace, body: Callable[[], object]) -> int:
 def progress_enabled() -> bool:
     """tqdm bars only when a person watches stderr."""
     return sys.stderr.isatty()
+
+
+def exit_now(code: int) -> None:
+    """Flush what we printed and end the process without interpreter teardown.
+
+    For stages that import torch and are timed end to end (the merge): torch's
+    teardown at exit (module GC, static destructors of its libraries) costs
+    ~0.9 s on this 2-core machine, as much as merging 1 GB. Call it only from
+    ``if __name__ == "__main__"``, once every output is closed and renamed.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
+            pass
+    os._exit(code)

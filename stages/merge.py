@@ -28,7 +28,7 @@ import psutil
 from tqdm import tqdm
 
 from stages import atomic
-from stages.cli import add_common, progress_enabled, run_main
+from stages.cli import add_common, exit_now, progress_enabled, run_main
 from stages.errors import ReleaseError
 from stages.lora import (CHUNK_ELEMENTS, EMBED, LM_HEAD, MergePlan, Scratch, load_adapter,
                          one_thread, plan_merge, tensor_chunks)
@@ -247,4 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
