@@ -15,6 +15,9 @@ from typing import Any
 import yaml
 
 from stages.errors import ReleaseError
+from stages.params_eval import EvalSettings, parse_overrides
+from stages.schema import need as _need
+from stages.schema import unknown as _unknown
 
 # Levels llama-quantize accepts, from tools/quantize/quantize.cpp
 # (QUANT_OPTIONS, llama-cpp-python 0.3.36).
@@ -37,28 +40,6 @@ TARGET_KINDS: tuple[str, ...] = ("local", "hub")
 # Trainer keys become folder and DVC stage names (quantize@<trainer>-<LEVEL>).
 TRAINER_KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _need(data: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(data, dict):
-        raise ReleaseError(f"params: `{where}` must be a mapping, got {type(data).__name__}")
-    if key not in data:
-        raise ReleaseError(f"params: `{where}.{key}` is missing")
-    value = data[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ReleaseError(
-            f"params: `{where}.{key}` must be {names}, got {type(value).__name__} ({value!r})"
-        )
-    return value
-
-
-def _unknown(data: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(data) - allowed)
-    if extra:
-        raise ReleaseError(
-            f"params: unknown key `{where}.{extra[0]}`; allowed keys: {', '.join(sorted(allowed))}"
-        )
 
 
 @dataclass(frozen=True)
@@ -137,6 +118,9 @@ class Trainer:
     tags: tuple[str, ...]
     release: dict[str, FormatRelease]
     output_root: Path | None = None
+    # Overrides applied before conversion, for trainers that save a broken one.
+    chat_template: str | None = None
+    eos_token: str | None = None
 
     def __post_init__(self) -> None:
         if not TRAINER_KEY.match(self.key):
@@ -160,13 +144,14 @@ class Trainer:
         where = f"trainers.{key}"
         _need({where: data}, where, "params", dict)
         _unknown(data, {"adapter", "output_root", "base_model", "name", "license", "tags",
-                        "release"}, where)
+                        "release", "chat_template", "eos_token"}, where)
         base = _need(data, "base_model", where, dict)
         _unknown(base, {"id", "path"}, f"{where}.base_model")
         release = _need(data, "release", where, dict)
         if not release:
             raise ReleaseError(f"params: `{where}.release` lists no format; add e.g. `gguf:`")
         tags = data.get("tags", [])
+        chat_template, eos_token = parse_overrides(data, where)
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ReleaseError(f"params: `{where}.tags` must be a list of strings, got {tags!r}")
         return cls(
@@ -184,6 +169,8 @@ class Trainer:
                 for fmt, cfg in release.items()
             },
             output_root=Path(data["output_root"]) if data.get("output_root") else None,
+            chat_template=chat_template,
+            eos_token=eos_token,
         )
 
 
@@ -284,6 +271,7 @@ class Params:
     convert_outtype: str
     levels: dict[str, QuantLevel]
     trainers: dict[str, Trainer]
+    evaluate: EvalSettings
     demo_base_id: str = ""
     demo_runs: dict[str, DemoRun] = field(default_factory=dict)
     raw: dict = field(repr=False, compare=False, default_factory=dict)
@@ -296,6 +284,7 @@ class Params:
             )
         if not self.levels:
             raise ReleaseError("params: `quantize.levels` is empty; list at least one level")
+        self.evaluate.check_levels(list(self.levels))
         for trainer in self.trainers.values():
             gguf = trainer.release.get("gguf")
             if gguf and gguf.ollama_level and gguf.ollama_level not in self.levels:
@@ -348,6 +337,7 @@ def parse_params(data: Any) -> Params:
         convert_outtype=str(convert.get("outtype", "bf16")),
         levels={str(name): QuantLevel.parse(str(name), cfg) for name, cfg in levels.items()},
         trainers={str(key): Trainer.parse(str(key), cfg) for key, cfg in trainers.items()},
+        evaluate=EvalSettings.parse(_need(data, "evaluate", "params", dict)),
         raw=data,
     )
 

@@ -58,6 +58,23 @@ def test_shipped_params_are_valid() -> None:
     ("trainers.Bad-Key", GOOD["trainers"]["sft"], "trainer key 'Bad-Key'"),
     ("demo.runs.sft.method", "ppo", "`demo.runs.sft.method` is 'ppo'"),
     ("demo.runs.sft.steps", 0, "`demo.runs.sft.steps` must be positive"),
+    ("evaluate", KeyError, "`params.evaluate` is missing"),
+    ("evaluate.extra", 1, "unknown key `evaluate.extra`"),
+    ("evaluate.ctx", 255, "`evaluate.ctx` is 255; use an even number"),
+    ("evaluate.chunks", 0, "llama-perplexity needs 100 for its statistics"),
+    ("evaluate.max_kld.Q6_K", 0.1, "`evaluate.max_kld.Q6_K` names a level that is not in quantize"),
+    ("evaluate.max_kld", {"Q8_0": 0.01}, "no entry for level Q4_K_M and no `default`"),
+    ("evaluate.max_kld.default", -1, "`evaluate.max_kld.default` is -1.0; it must be a positive"),
+    ("evaluate.max_kld.default", "high", "`evaluate.max_kld.default` must be int or float"),
+    ("evaluate.smoke.max_tokens", True, "`evaluate.smoke.max_tokens` must be int, got bool"),
+    ("evaluate.smoke.prompt", " ", "`evaluate.smoke.prompt` is empty"),
+    ("evaluate.smoke.repeat_penalty", 0.5, "`evaluate.smoke.repeat_penalty` is 0.5; use 1.0"),
+    ("evaluate.conversion.chunks", 11, "`evaluate.conversion.chunks` is 11, more than the 10"),
+    ("evaluate.conversion.chunks", -1, "`evaluate.conversion.chunks` is -1; use 0 (skip)"),
+    ("evaluate.adapter.min_kld", 0, "`evaluate.adapter.min_kld` is 0.0; it must be a positive"),
+    ("evaluate.adapter.prompts", KeyError, "`evaluate.adapter.prompts` is missing"),
+    ("trainers.sft.chat_template", "", "`trainers.sft.chat_template` is ''; give the chat template"),
+    ("trainers.sft.eos_token", 2, "`trainers.sft.eos_token` is 2; give the eos token text"),
 ])
 def test_bad_params_name_the_key(path: str, value: object, message: str) -> None:
     with pytest.raises(ReleaseError) as err:
@@ -71,6 +88,19 @@ def test_unknown_trainer_and_level_list_the_known_ones() -> None:
         params.trainer("dpo")
     with pytest.raises(ReleaseError, match="known: Q4_K_M, Q5_K_M, Q8_0"):
         params.level("Q6_K")
+
+
+def test_evaluate_thresholds_overrides_and_skip() -> None:
+    params = parse_params(GOOD)
+    assert params.evaluate.max_kld_for("Q8_0") < params.evaluate.max_kld_for("Q4_K_M")
+    assert params.evaluate.max_kld_for("Q4_K_M") == GOOD["evaluate"]["max_kld"]["default"]
+    assert not params.evaluate.conversion.skipped
+    assert params.trainer("sft").chat_template is None
+    data = edited("evaluate.conversion.chunks", 0)
+    data["trainers"]["sft"] |= {"chat_template": "{{ messages }}", "eos_token": "<|im_end|>"}
+    params = parse_params(data)
+    assert params.evaluate.conversion.skipped
+    assert params.trainer("sft").eos_token == "<|im_end|>"
 
 
 def test_level_options_become_llama_quantize_flags() -> None:
