@@ -1,0 +1,143 @@
+"""Measure one quantized GGUF against its trainer's full-precision reference.
+
+Reads:  ``--gguf`` (one level's GGUF), ``--logits`` (the base log-probs that
+        reference@<trainer> saved from the bf16/f16 GGUF) and the ``evaluate:``
+        settings in params.yaml.
+Writes: ``--out`` (``<LEVEL>.json``, DVC metrics: size, bits per weight, mean
+        and 99th-percentile KL divergence, PPL(Q)/PPL(base), same top token %,
+        smoke pass) and, beside it, ``<LEVEL>.details.json`` (every figure, the
+        smoke reply, the thresholds).
+
+Two checks, each failing the stage with the figures when it does not hold:
+the mean KL divergence stays under ``evaluate.max_kld`` of the level, and one
+greedy chat turn with the chat template embedded in the GGUF stops on an
+EOS/end-of-turn token before ``evaluate.smoke.max_tokens``.
+
+One DVC stage per trainer × level, so changing one level re-evaluates only it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stages import atomic, llamacpp
+from stages.cli import add_common, run_main
+from stages.errors import ReleaseError
+from stages.fidelity import KldStats, SmokeRun, bits_per_weight, kl_divergence, smoke_chat
+from stages.gguf_meta import read_chat_info
+from stages.params import Params, load_params
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    level: str
+    out: Path
+    details: Path
+    metrics: dict
+    kld: KldStats
+    smoke: SmokeRun
+
+
+def details_path(out: Path) -> Path:
+    """``<LEVEL>.details.json`` beside the metrics file ``<LEVEL>.json``."""
+    return out.with_suffix(".details.json")
+
+
+def metrics(*, size: int, bpw: float, kld: KldStats, smoke: SmokeRun) -> dict:
+    """The DVC metrics of one level: the columns of `dvc metrics show`."""
+    return {"size_mib": round(size / MIB, 2), "bpw": round(bpw, 3),
+            "kld_mean": round(kld.kld_mean, 6), "kld_p99": round(kld.kld_p99, 6),
+            "ppl_ratio": round(kld.ppl_ratio, 6), "top1_pct": round(kld.top1_pct, 3),
+            "smoke_pass": smoke.stopped}
+
+
+def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun,
+                bos_id: int | None) -> None:
+    """Fail with the figures when ``level`` is beyond its threshold or does not stop."""
+    if kld.kld_mean > max_kld:
+        raise ReleaseError(
+            f"{level}: mean KL divergence from the full-precision GGUF is {kld.kld_mean:.5f}, "
+            f"above evaluate.max_kld for {level} ({max_kld}); 99th percentile {kld.kld_p99:.4f}, "
+            f"same top token {kld.top1_pct:.2f}%, PPL ratio {kld.ppl_ratio:.4f}. Use a larger "
+            "level (or level options), or raise the threshold if this quality is acceptable.")
+    if not smoke.stopped:
+        raise ReleaseError(
+            f"{level}: the smoke reply did not stop: {smoke.tokens} tokens without EOS or "
+            f"end-of-turn (evaluate.smoke.max_tokens = {smoke.max_tokens}); it began "
+            f"{smoke.text[:120]!r}. Check the chat template and EOS (reference stage) and the "
+            "fine-tune itself.")
+    if bos_id is not None and list(smoke.prompt_ids[:2]) == [bos_id, bos_id]:
+        raise ReleaseError(f"{level}: llama-completion fed two BOS tokens ({bos_id}) before the "
+                           "prompt; the chat template writes BOS and the GGUF adds it too.")
+
+
+def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path) -> EvalResult:
+    """Measure ``gguf`` (level ``level``) against ``logits``; write ``out`` and details."""
+    ev = params.evaluate
+    max_kld = ev.max_kld_for(params.level(level).name)
+    for path, stage in ((gguf, "quantize"), (logits, "reference")):
+        if not path.is_file():
+            raise ReleaseError(f"{path} not found; run its {stage} stage first")
+    start = time.monotonic()
+    kld = kl_divergence(tool=llamacpp.tool_path("llama-perplexity", params.llama_cpp_version),
+                        gguf=gguf, base=logits, ctx=ev.ctx)
+    log.info("%s: KLD mean %.5f, p99 %.4f, PPL ratio %.4f, same top %.2f%%", level,
+             kld.kld_mean, kld.kld_p99, kld.ppl_ratio, kld.top1_pct)
+    smoke = smoke_chat(tool=llamacpp.tool_path("llama-completion", params.llama_cpp_version),
+                       gguf=gguf, prompt=ev.smoke.prompt, max_tokens=ev.smoke.max_tokens,
+                       repeat_penalty=ev.smoke.repeat_penalty)
+    log.info("%s: smoke reply (%d tokens, %s): %s", level, smoke.tokens,
+             "stopped" if smoke.stopped else "hit the limit", smoke.text)
+    check_level(level=level, kld=kld, max_kld=max_kld, smoke=smoke,
+                bos_id=read_chat_info(gguf).bos_id)
+    size = gguf.stat().st_size
+    values = metrics(size=size, bpw=bits_per_weight(gguf), kld=kld, smoke=smoke)
+    details = {"level": level, "file": gguf.name, "bytes": size, **values,
+               "kld": asdict(kld), "max_kld": max_kld,
+               "smoke": {"prompt": ev.smoke.prompt, "reply": smoke.text, "tokens": smoke.tokens,
+                         "max_tokens": smoke.max_tokens, "stopped": smoke.stopped,
+                         "repeat_penalty": ev.smoke.repeat_penalty},
+               "seconds": round(time.monotonic() - start, 1)}
+    atomic.write_text(details_path(out), json.dumps(details, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(out, json.dumps(values, indent=2) + "\n")
+    log.info("wrote %s in %.0f s", out, details["seconds"])
+    return EvalResult(level=level, out=out, details=details_path(out), metrics=values, kld=kld,
+                      smoke=smoke)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.evaluate",
+        description="Measure one level's GGUF against its trainer's reference: KL divergence, "
+        "PPL ratio, same top token (llama-perplexity) and a smoke chat turn (llama-completion).",
+    )
+    parser.add_argument("--level", required=True, help="a key of quantize.levels, e.g. Q4_K_M")
+    parser.add_argument("--gguf", type=Path, required=True, help="the level's GGUF")
+    parser.add_argument("--logits", type=Path, required=True,
+                        help="base-logits file written by the reference stage")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="<LEVEL>.json metrics file to write (details go beside it)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params file (default: %(default)s)")
+    add_common(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        run(params=load_params(args.params), level=args.level, gguf=args.gguf,
+            logits=args.logits, out=args.out)
+
+    return run_main(args, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
