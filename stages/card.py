@@ -2,12 +2,15 @@
 manifest.
 
 Reads:  ``--quant-dir`` (each level's GGUF and its ``<LEVEL>.json`` record from
-        the quantize stage), the run's ``training_lineage.json``, the trainer's
-        params, and ``templates/``.
+        the quantize stage), ``--eval-dir`` (the fidelity figures of the
+        reference and evaluate stages), the run's ``training_lineage.json``,
+        the trainer's params, and ``templates/``.
 Writes: ``--out`` = ``build/<trainer>/gguf/``, exactly what is published:
         ``<name>-<LEVEL>.gguf`` (hard links to the quantize outputs, so no
-        copy), ``README.md`` (Hugging Face model card), ``Modelfile`` (Ollama),
-        ``manifest.json``; and ``--manifest`` = ``build/<trainer>/manifest.json``.
+        copy), ``README.md`` (Hugging Face model card, with a quality table),
+        ``quality.png`` (file size vs KL divergence), ``Modelfile`` (Ollama),
+        ``manifest.json``; ``--manifest`` = ``build/<trainer>/manifest.json``;
+        and ``--plot-data`` (the DVC plot of size vs KL divergence).
 
 Rendered text is parsed back and checked before anything is written; the
 folder appears whole or not at all.
@@ -34,12 +37,15 @@ from stages.gguf_meta import read_chat_info
 from stages.manifest import (Artifact, artifact, check_manifest, render_manifest,
                              tool_versions)
 from stages.params import Params, Trainer, load_params
+from stages.quality import (Quality, load_quality, one_line, plot_points, render_plot,
+                            table_cell)
 from stages.templates import environment
 
 log = logging.getLogger(__name__)
 
 FORMAT = "gguf"
 LIBRARY = "gguf"  # what the Hub calls a repo of GGUF files (library_name)
+PLOT = "quality.png"
 
 
 @dataclass(frozen=True)
@@ -132,14 +138,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def published_params(params: Params, trainer: Trainer) -> dict:
     """The params that shaped these artifacts, for the manifest."""
     return {"trainer": params.raw["trainers"][trainer.key], "quantize": params.raw["quantize"],
-            "convert": {"outtype": params.convert_outtype},
+            "convert": {"outtype": params.convert_outtype}, "evaluate": params.raw["evaluate"],
             "llama_cpp": {"version": params.llama_cpp_version}}
 
 
 def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[dict],
-                  quant_dir: Path, lineage: dict) -> list[Artifact]:
-    """Fill ``tmp`` with GGUF links, README.md and Modelfile; return artifacts."""
+                  quant_dir: Path, lineage: dict, quality: Quality) -> list[Artifact]:
+    """Fill ``tmp`` with GGUF links, README.md, quality.png and Modelfile; return artifacts."""
     env = environment()
+    env.filters.update(cell=table_cell, one_line=one_line)
+    atomic.write_bytes(tmp / PLOT, render_plot(quality, f"{trainer.name}: size vs fidelity"))
     files, arts = [], []
     for rec in records:
         name = f"{trainer.name}-{rec['level']}.gguf"
@@ -165,29 +173,32 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
         front_matter=render_front_matter(matter), name=trainer.name,
         base_model=trainer.base_model.id, lineage=lineage, files=files,
         fallbacks=[fb | {"level": r["level"]} for r in records for fb in r["fallbacks"]],
-        default_file=default_file, ollama_name=ollama_name,
+        default_file=default_file, ollama_name=ollama_name, quality=quality, plot=PLOT,
+        overrides={"chat_template": trainer.chat_template, "eos_token": trainer.eos_token},
         tools=tool_versions(params.llama_cpp_version))
     check_card(card, matter)
     atomic.write_text(tmp / "README.md", card)
     arts.append(artifact(tmp.parent, tmp / "Modelfile", fmt=FORMAT, kind="modelfile"))
     arts.append(artifact(tmp.parent, tmp / "README.md", fmt=FORMAT, kind="card"))
+    arts.append(artifact(tmp.parent, tmp / PLOT, fmt=FORMAT, kind="plot"))
     return arts
 
 
-def run(*, params: Params, trainer_key: str, quant_dir: Path, out: Path,
-        manifest: Path) -> CardResult:
-    """Build ``out`` (the published GGUF folder) and ``manifest``."""
+def run(*, params: Params, trainer_key: str, quant_dir: Path, eval_dir: Path, out: Path,
+        manifest: Path, plot_data: Path) -> CardResult:
+    """Build ``out`` (the published GGUF folder), ``manifest`` and ``plot_data``."""
     trainer = params.trainer(trainer_key)
     if FORMAT not in trainer.release:
         raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
     records = load_records(quant_dir, list(params.levels))
     lineage = load_lineage(trainer.run_dir / "training_lineage.json")
+    quality = load_quality(eval_dir, records, trainer.key)
     root = manifest.parent
     if out.parent.resolve() != root.resolve():
         raise ReleaseError(f"--out {out} must sit in the manifest's folder {root}")
     with atomic.output_dir(out) as tmp:
         arts = write_release(tmp=tmp, trainer=trainer, params=params, records=records,
-                             quant_dir=quant_dir, lineage=lineage)
+                             quant_dir=quant_dir, lineage=lineage, quality=quality)
         arts = [Artifact(**{**a.__dict__, "path": f"{out.name}/{a.path.split('/', 1)[1]}"})
                 for a in arts]
         text = render_manifest(trainer=trainer.key, name=trainer.name, artifacts=arts,
@@ -199,6 +210,7 @@ def run(*, params: Params, trainer_key: str, quant_dir: Path, out: Path,
         check_manifest(json.dumps(staged), root)
         atomic.write_text(tmp / "manifest.json", text)
     atomic.write_text(manifest, text)
+    atomic.write_text(plot_data, json.dumps(plot_points(quality), indent=2) + "\n")
     log.info("wrote %s (%d files) and %s", out, len(arts), manifest)
     return CardResult(out=out, manifest=manifest, artifacts=tuple(arts))
 
@@ -212,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
     parser.add_argument("--quant-dir", type=Path, required=True,
                         help="folder with <LEVEL>.gguf and <LEVEL>.json from the quantize stages")
+    parser.add_argument("--eval-dir", type=Path, required=True,
+                        help="folder with reference.json and <LEVEL>.details.json")
     parser.add_argument("--out", type=Path, required=True, help="published folder to write")
     parser.add_argument("--manifest", type=Path, required=True,
                         help="build/<trainer>/manifest.json to write")
+    parser.add_argument("--plot-data", type=Path, required=True,
+                        help="JSON rows of size vs KL divergence to write (a DVC plot)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: %(default)s)")
     add_common(parser)
@@ -222,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         run(params=load_params(args.params), trainer_key=args.trainer, quant_dir=args.quant_dir,
-            out=args.out, manifest=args.manifest)
+            eval_dir=args.eval_dir, out=args.out, manifest=args.manifest,
+            plot_data=args.plot_data)
 
     return run_main(args, body)
 
