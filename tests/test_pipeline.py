@@ -24,8 +24,10 @@ LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
 
 def stages_of(trainer: str, levels: tuple[str, ...] = LEVELS) -> set[str]:
     """Every release stage of one trainer."""
-    return ({f"merge@{trainer}", f"convert@{trainer}", f"card@{trainer}", f"push@{trainer}"}
-            | {f"quantize@{trainer}-{level}" for level in levels})
+    return ({f"merge@{trainer}", f"convert@{trainer}", f"reference@{trainer}", f"card@{trainer}",
+             f"push@{trainer}"}
+            | {f"{stage}@{trainer}-{level}" for level in levels
+               for stage in ("quantize", "evaluate")})
 
 
 @pytest.fixture()
@@ -43,7 +45,7 @@ def test_release_folder_is_complete_and_hashes_match(built_repo: Path, trainer: 
     names = sorted(p.name for p in folder.iterdir())
     name = manifest["name"]
     assert names == sorted([f"{name}-{lv}.gguf" for lv in LEVELS]
-                           + ["Modelfile", "README.md", "manifest.json"])
+                           + ["Modelfile", "README.md", "manifest.json", "quality.png"])
     assert (folder / "manifest.json").read_text() == \
         (built_repo / "build" / trainer / "manifest.json").read_text()
     listed = {e["path"]: e for e in manifest["artifacts"]}
@@ -79,12 +81,15 @@ def test_changing_one_level_reruns_only_that_level(clone: Path) -> None:
     set_param(clone, "quantize.levels.Q5_K_M", {"pure": True})
     ran = repro(clone)
     assert ran == ({f"quantize@{t}-Q5_K_M" for t in TRAINERS}
+                   | {f"evaluate@{t}-Q5_K_M" for t in TRAINERS}
                    | {f"card@{t}" for t in TRAINERS} | {f"push@{t}" for t in TRAINERS})
-    # Only what changed is published again: the new Q5_K_M file and the card
-    # listing it; the Modelfile (it points at Q4_K_M) and the other levels stay.
+    # Only what changed is published again: the new Q5_K_M file, the card
+    # listing it and the quality plot showing its new KLD; the Modelfile (it
+    # points at Q4_K_M) and the other levels stay.
     receipt = json.loads((clone / "build/sft/push.json").read_text())
     name = json.loads((clone / "build/sft/manifest.json").read_text())["name"]
-    assert receipt["formats"][0]["uploaded"] == ["README.md", f"{name}-Q5_K_M.gguf"]
+    assert receipt["formats"][0]["uploaded"] == ["README.md", f"{name}-Q5_K_M.gguf",
+                                                 "quality.png"]
 
 
 def test_adding_a_trainer_runs_only_its_stages(clone: Path) -> None:

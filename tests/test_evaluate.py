@@ -1,0 +1,320 @@
+"""Fidelity checks, end to end: real model, real llama.cpp, real DVC.
+
+The figures come from the built demo repo (conftest ``built_repo``); tests that
+break something work in copies that share its DVC cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.errors import ReleaseError
+from stages.fidelity import KldStats, SmokeRun, parse_kld_stats, parse_smoke
+from stages.gguf_meta import ChatInfo
+from tests.pipeline import copy_repo, run, set_param
+
+pytestmark = pytest.mark.slow
+
+TRAINERS = ("sft", "kto")
+LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
+METRICS = {"size_mib", "bpw", "kld_mean", "kld_p99", "ppl_ratio", "top1_pct", "smoke_pass"}
+# ChatML as SmolLM2 writes it, but an assistant turn ends with nothing that stops generation.
+NO_TURN_END = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n"
+               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture()
+def clone(built_repo: Path, tmp_path: Path) -> Path:
+    """A copy of the built demo repo sharing its DVC cache."""
+    return copy_repo(built_repo, tmp_path / "repo", cache_from=built_repo)
+
+
+def metrics_of(repo: Path, trainer: str) -> dict[str, dict]:
+    return {lv: json.loads((repo / f"build/{trainer}/work/eval/{lv}.json").read_text())
+            for lv in LEVELS}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_level_is_measured_and_q8_0_is_closest(built_repo: Path, trainer: str) -> None:
+    metrics = metrics_of(built_repo, trainer)
+    for level, m in metrics.items():
+        assert set(m) == METRICS, level
+        assert m["smoke_pass"] is True, level
+        assert 0 < m["kld_mean"] <= m["kld_p99"], level
+        assert 0 < m["top1_pct"] <= 100 and m["ppl_ratio"] > 0.9, level
+        size = (built_repo / f"build/{trainer}/work/quant/{level}.gguf").stat().st_size
+        assert m["size_mib"] == round(size / 2**20, 2)
+    assert min(metrics, key=lambda lv: metrics[lv]["kld_mean"]) == "Q8_0"
+    assert 8.0 < metrics["Q8_0"]["bpw"] < 9.0  # 34 bytes per 32 weights, plus f32 norms
+    details = json.loads((built_repo / f"build/{trainer}/work/eval/Q4_K_M.details.json")
+                         .read_text())
+    assert details["smoke"]["stopped"] and details["smoke"]["reply"]
+    assert details["smoke"]["tokens"] < details["smoke"]["max_tokens"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_reference_checks_pass_with_their_figures(built_repo: Path, trainer: str) -> None:
+    ref = json.loads((built_repo / f"build/{trainer}/work/eval/reference.json").read_text())
+    conv = ref["conversion"]
+    settings = yaml.safe_load((built_repo / "params.yaml").read_text())["evaluate"]
+    assert ref["chunks"] == settings["chunks"] and ref["ctx"] == settings["ctx"] == 256
+    assert conv["chunks"] == settings["conversion"]["chunks"] > 0
+    assert conv["tokens"] == conv["chunks"] * 127  # the second half of each chunk, less one
+    assert conv["kld_mean"] < conv["max_kld"] and conv["top1_pct"] > 95
+    assert abs(conv["ppl_hf"] / conv["ppl_gguf"] - 1) < 0.02
+    assert ref["adapter"]["kld_mean"] > ref["adapter"]["min_kld"]
+    assert ref["adapter"]["answers_differ"] > 0
+    assert "Paris" in ref["adapter"]["example_base"]
+    assert ref["chat"]["eos_token"] == ref["chat"]["turn_end"] == "<|im_end|>"
+
+
+def test_dvc_metrics_show_lists_trainer_by_level(built_repo: Path) -> None:
+    res = run([str(built_repo / ".venv/bin/dvc"), "metrics", "show", "--json"], cwd=built_repo)
+    files = json.loads(res.stdout)[""]["data"]
+    for trainer in TRAINERS:
+        for level in LEVELS:
+            data = files[f"build/{trainer}/work/eval/{level}.json"]["data"]
+            assert set(data) == METRICS
+    table = run([str(built_repo / ".venv/bin/dvc"), "metrics", "show"], cwd=built_repo).stdout
+    assert "kld_mean" in table and "build/kto/work/eval/Q8_0.json" in table
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_card_shows_quality_table_and_plot(built_repo: Path, trainer: str) -> None:
+    folder = built_repo / "build" / trainer / "gguf"
+    card = (folder / "README.md").read_text()
+    metrics = metrics_of(built_repo, trainer)
+    assert "## Quality" in card and "![File size vs KL divergence](quality.png)" in card
+    for level, m in metrics.items():
+        row = next(line for line in card.splitlines() if line.startswith(f"| {level} | "))
+        assert f"{m['kld_mean']:.4f}" in row and "stopped after" in row
+    assert "Q8_0 is the closest to the full-precision model" in card
+    assert "**Conversion**: the merged Hugging Face" in card
+    assert "**Adapter effect**" in card and "BOS is not doubled" in card
+    png = (folder / "quality.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"path": "gguf/quality.png", "kind": "plot"}.items() <= next(
+        a for a in manifest["artifacts"] if a["kind"] == "plot").items()
+    points = json.loads((built_repo / f"build/{trainer}/quality.json").read_text())
+    assert [p["level"] for p in points] == list(LEVELS)
+    published = built_repo / "published" / trainer / "gguf" / "quality.png"
+    assert published.read_bytes() == png
+
+
+def test_a_bigger_level_that_measures_worse_is_explained(built_repo: Path) -> None:
+    for trainer in TRAINERS:
+        metrics = metrics_of(built_repo, trainer)
+        card = (built_repo / f"build/{trainer}/gguf/README.md").read_text()
+        q4, q5 = metrics["Q4_K_M"], metrics["Q5_K_M"]
+        if q5["kld_mean"] > q4["kld_mean"]:
+            assert "Q5_K_M is larger than Q4_K_M but measures worse" in card
+            assert "instead of q5_K" in card or "instead of q6_K" in card
+
+
+def test_dvc_plot_of_size_vs_kld(built_repo: Path) -> None:
+    res = run([str(built_repo / ".venv/bin/dvc"), "plots", "show", "--json"], cwd=built_repo)
+    assert "build/sft/quality.json" in res.stdout and "kld_mean" in res.stdout
+
+
+def test_level_over_its_threshold_fails_with_its_figures(built_repo: Path,
+                                                         tmp_path: Path) -> None:
+    from stages import llamacpp
+    from stages.fidelity import save_base_logits
+
+    params = yaml.safe_load((built_repo / "params.yaml").read_text())
+    params["evaluate"]["max_kld"] = {"default": 1.0e-6}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    logits = tmp_path / "one-chunk.kld"  # 127 scored tokens: enough for the statistics
+    save_base_logits(tool=llamacpp.tool_path("llama-perplexity", params["llama_cpp"]["version"]),
+                     gguf=built_repo / "build/sft/work/full.gguf",
+                     text=built_repo / "data/eval.txt", ctx=256, chunks=1, out=logits)
+    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.evaluate", "--level", "Q4_K_M",
+               "--gguf", "build/sft/work/quant/Q4_K_M.gguf", "--logits", str(logits),
+               "--out", str(tmp_path / "eval" / "Q4_K_M.json"),
+               "--params", str(tmp_path / "params.yaml")], cwd=built_repo, check=False)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Q4_K_M: mean KL divergence from the full-precision GGUF")
+    assert "above evaluate.max_kld for Q4_K_M (1e-06)" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "eval").exists()
+
+
+def test_broken_chat_template_fails_and_is_never_pushed(clone: Path) -> None:
+    # The override is applied before conversion, so the GGUF carries the broken template.
+    set_param(clone, "trainers.sft.chat_template", NO_TURN_END)
+    receipt = (clone / "build/sft/push.json").read_text()
+    published = {p.name: p.stat().st_mtime_ns for p in (clone / "published/sft/gguf").iterdir()}
+    res = run([str(clone / ".venv/bin/dvc"), "repro", "push@sft"], cwd=clone, check=False)
+    assert res.returncode != 0
+    assert "the chat template ends an assistant turn with" in res.stderr
+    assert "none of the GGUF's end-of-generation tokens ['<|im_end|>']" in res.stderr
+    assert "trainers.sft.chat_template" in res.stderr and "Traceback" not in res.stderr
+    assert "Running stage 'card@sft'" not in res.stdout
+    assert (clone / "build/sft/push.json").read_text() == receipt
+    assert {p.name: p.stat().st_mtime_ns
+            for p in (clone / "published/sft/gguf").iterdir()} == published
+
+
+def test_adapter_with_zeroed_lora_b_fails_the_adapter_effect_check(clone: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run_dir = clone / "zeroed"
+    shutil.copytree(clone / "inputs/runs/sft/demo", run_dir)
+    weights = run_dir / "final_model" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    zeroed = [k for k in tensors if "lora_B" in k]
+    assert zeroed
+    save_file({k: v.zero_() if k in zeroed else v for k, v in tensors.items()}, weights)
+    set_param(clone, "trainers.sft.adapter", "zeroed/final_model")
+    res = run([str(clone / ".venv/bin/dvc"), "repro", "reference@sft"], cwd=clone, check=False)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert "adapter effect of trainer sft" in res.stderr
+    assert "below evaluate.adapter.min_kld" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_base: Path):
+    from stages.hf_checks import load_tokenizer
+
+    return load_tokenizer(smollm2_base, chat_template=None, eos_token=None)
+
+
+def chat_info(tok, **change) -> ChatInfo:
+    """What the GGUF of a correct conversion says, with ``change`` applied."""
+    fields = {"chat_template": tok.chat_template, "bos_id": 1, "eos_id": 2, "add_bos": False,
+              "stop_strings": ("<|im_end|>",)}
+    return ChatInfo(**(fields | change))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({}, None),
+    ({"chat_template": None}, "has no tokenizer.chat_template"),
+    ({"chat_template": "{{ messages[0]['content'] }}"}, "differs from the trainer's (at char"),
+    ({"eos_id": 0}, "EOS id is 0, the trainer's tokenizer says 2"),
+    ({"stop_strings": ("<|endoftext|>",)}, "none of the GGUF's end-of-generation tokens"),
+    ({"add_bos": True}, "prompts would start with two BOS tokens (1)"),
+])
+def test_chat_check_names_each_broken_piece(tokenizer, change: dict, message: str | None) -> None:
+    from stages.hf_checks import check_chat
+
+    info = chat_info(tokenizer, **change)
+    if message is None:
+        result = check_chat(tok=tokenizer, gguf=info, where="x.gguf", fix="Fix it.")
+        assert result.eos_token == result.turn_end == "<|im_end|>"
+        return
+    with pytest.raises(ReleaseError, match="Fix it") as err:
+        check_chat(tok=tokenizer, gguf=info, where="x.gguf", fix="Fix it.")
+    assert message in str(err.value)
+
+
+def test_broken_template_syntax_is_reported(tokenizer) -> None:
+    from stages.hf_checks import check_chat
+
+    broken = "{% for m in messages %}{{ m['content'] }"
+    tokenizer_copy = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer_copy.chat_template = broken
+    with pytest.raises(ReleaseError, match="does not render a simple conversation"):
+        check_chat(tok=tokenizer_copy, gguf=chat_info(tokenizer_copy), where="x.gguf", fix="")
+
+
+
+KLD_LOG = """
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  18.191911 ±   0.950000
+Mean PPL(base)                :  17.492355 ±   0.910000
+Cor(ln(PPL(Q)), ln(PPL(base))):  99.10%
+Mean ln(PPL(Q)/PPL(base))     :   0.039211 ±   0.001000
+Mean PPL(Q)/PPL(base)         :   1.039992 ±   0.001000
+====== KL divergence statistics ======
+Mean    KLD:   0.048827 ±   0.000900
+Maximum KLD:   0.507840
+99.9%   KLD:   0.400000
+99.0%   KLD:   0.193246
+Same top p: 86.693 ± 0.674 %
+"""
+
+
+def test_parse_kld_statistics() -> None:
+    assert parse_kld_stats(KLD_LOG) == KldStats(
+        ppl_q=18.191911, ppl_base=17.492355, ppl_ratio=1.039992, kld_mean=0.048827,
+        kld_p99=0.193246, kld_max=0.50784, top1_pct=86.693)
+    with pytest.raises(ReleaseError, match="printed no"):
+        parse_kld_stats(KLD_LOG.replace("Same top p", "Other"))
+
+
+@pytest.mark.parametrize(("stdout", "stopped", "text"), [
+    ("Arr, Paris it be! [end of text]\n\n", True, "Arr, Paris it be!"),
+    ("Arr, arr, arr, arr\n\n", False, "Arr, arr, arr, arr"),
+])
+def test_parse_smoke_reply(stdout: str, stopped: bool, text: str) -> None:
+    stderr = ("0.00.99 I      1 -> '<|im_start|>'\n0.00.99 I   9690 -> 'system'\n"
+              "common_perf_print:        eval time =    433.87 ms /    12 runs\n")
+    run_ = parse_smoke(stdout, stderr, 16)
+    assert (run_.stopped, run_.text, run_.tokens, run_.prompt_ids) == (stopped, text, 13, (1, 9690))
+
+
+def smoke(stopped: bool = True, ids: tuple[int, ...] = (1, 9690)) -> SmokeRun:
+    return SmokeRun(text="Arr!", tokens=5, max_tokens=16, stopped=stopped, prompt_ids=ids)
+
+
+@pytest.mark.parametrize(("kld", "run_", "message"), [
+    (0.05, smoke(), None),
+    (0.3, smoke(), "Q4_K_M: mean KL divergence from the full-precision GGUF is 0.30000, above"),
+    (0.05, smoke(stopped=False), "Q4_K_M: the smoke reply did not stop: 5 tokens without EOS"),
+    (0.05, smoke(ids=(1, 1, 9690)), "llama-completion fed two BOS tokens (1)"),
+])
+def test_check_level_thresholds(kld: float, run_: SmokeRun, message: str | None) -> None:
+    from stages.evaluate import check_level
+
+    stats = KldStats(ppl_q=18.0, ppl_base=17.5, ppl_ratio=1.03, kld_mean=kld, kld_p99=4 * kld,
+                     kld_max=10 * kld, top1_pct=88.0)
+    if message is None:
+        check_level(level="Q4_K_M", kld=stats, max_kld=0.25, smoke=run_, bos_id=1)
+        return
+    with pytest.raises(ReleaseError) as err:
+        check_level(level="Q4_K_M", kld=stats, max_kld=0.25, smoke=run_, bos_id=1)
+    assert message in str(err.value)
+
+
+def test_overrides_are_applied_before_conversion(built_repo: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gguf import SpecialVocab
+
+    from stages.convert import model_view
+    from stages.params import load_params
+
+    trainer = load_params(built_repo / "params.yaml").trainer("sft")
+    merged = built_repo / "build/sft/work/merged"
+    own = SpecialVocab(model_view(merged, tmp_path / "own", trainer), load_merges=False)
+    assert own.chat_template == (merged / "chat_template.jinja").read_text()
+    assert own.special_token_ids["eos"] == 2
+    fixed = replace(trainer, chat_template=NO_TURN_END, eos_token="<|endoftext|>")
+    vocab = SpecialVocab(model_view(merged, tmp_path / "view", fixed), load_merges=False)
+    assert vocab.chat_template == NO_TURN_END  # what convert_hf_to_gguf.py writes
+    assert vocab.special_token_ids["eos"] == 0
+    with pytest.raises(ReleaseError, match="`trainers.sft.eos_token` is '</s>', which is not a"):
+        model_view(merged, tmp_path / "bad", replace(trainer, eos_token="</s>"))
+
+
+def test_card_records_the_overrides(built_repo: Path, tmp_path: Path) -> None:
+    from stages.card import run as render_card
+    from stages.params import parse_params
+
+    data = yaml.safe_load((built_repo / "params.yaml").read_text())
+    data["trainers"]["sft"]["eos_token"] = "<|im_end|>"
+    data["trainers"]["sft"]["adapter"] = str(built_repo / data["trainers"]["sft"]["adapter"])
+    work = built_repo / "build/sft/work"
+    render_card(params=parse_params(data), trainer_key="sft", quant_dir=work / "quant",
+                eval_dir=work / "eval", out=tmp_path / "gguf", manifest=tmp_path / "manifest.json",
+                plot_data=tmp_path / "quality.json")
+    card = " ".join((tmp_path / "gguf" / "README.md").read_text().split())
+    assert "EOS was **overridden** in `params.yaml` to `<|im_end|>` before conversion" in card
+    assert "chat template was **overridden**" not in card
