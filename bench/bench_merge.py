@@ -165,7 +165,8 @@ def warm(folder: Path) -> None:
 
 def contenders(size: str, base: Path, adapter: Path, out: Path, *, peft: bool,
                repeat: int) -> list[Measure]:
-    """cp -r and ours ``repeat`` times, interleaved (median wall, highest RSS); peft once."""
+    """After a warm-up, cp -r and ours ``repeat`` times, interleaved (median wall, highest RSS);
+    peft once."""
     import psutil
 
     py = sys.executable
@@ -175,6 +176,13 @@ def contenders(size: str, base: Path, adapter: Path, out: Path, *, peft: bool,
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     fits = PEFT_RAM_FACTOR * model_bytes + 2e9 < psutil.virtual_memory().available
     seen: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    # One untimed run of each (hyperfine's --warmup): the first run after other
+    # work pays for cold library pages and writeback, whoever the contender is.
+    for cmd in runs.values():
+        subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+        shutil.rmtree(out)
+    if peft and fits:
+        subprocess.run([py, "-c", "import torch, transformers, peft"], check=True, cwd=REPO)
     for _ in range(repeat):
         for name, cmd in runs.items():
             seen[name].append(_measure(size, name, cmd, base, out))
