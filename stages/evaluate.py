@@ -29,8 +29,8 @@ from pathlib import Path
 from stages import atomic, llamacpp
 from stages.cli import add_common, run_main
 from stages.errors import ReleaseError
-from stages.fidelity import KldStats, SmokeRun, bits_per_weight, kl_divergence, smoke_chat
-from stages.gguf_meta import read_chat_info
+from stages.fidelity import KldStats, SmokeRun, kl_divergence, smoke_chat
+from stages.gguf_meta import bits_per_weight, chat_info, open_reader
 from stages.params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,11 @@ def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path) -> E
                        repeat_penalty=ev.smoke.repeat_penalty)
     log.info("%s: smoke reply (%d tokens, %s): %s", level, smoke.tokens,
              "stopped" if smoke.stopped else "hit the limit", smoke.text)
+    reader = open_reader(gguf)
     check_level(level=level, kld=kld, max_kld=max_kld, smoke=smoke,
-                bos_id=read_chat_info(gguf).bos_id)
+                bos_id=chat_info(reader).bos_id)
     size = gguf.stat().st_size
-    values = metrics(size=size, bpw=bits_per_weight(gguf), kld=kld, smoke=smoke)
+    values = metrics(size=size, bpw=bits_per_weight(reader, gguf), kld=kld, smoke=smoke)
     details = {"level": level, "file": gguf.name, "bytes": size, **values,
                "kld": asdict(kld), "max_kld": max_kld,
                "smoke": {"prompt": ev.smoke.prompt, "reply": smoke.text, "tokens": smoke.tokens,

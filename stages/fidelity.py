@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from stages.errors import ReleaseError
+from stages.llamacpp import run_captured, threads
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +104,13 @@ class BaseLogits:
         return quant * head[:, :1] + head[:, 1:2]
 
 
-def threads() -> int:
-    """CPU threads for the tools: the cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def run_tool(cmd: list[str], what: str) -> tuple[str, str]:
-    """Run a llama.cpp tool; its stdout and stderr, or an error with the tail of its log."""
-    log.debug("$ %s", " ".join(cmd))
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         errors="replace")
-    if res.returncode != 0:
-        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-12:])
-        raise ReleaseError(f"{what} failed (exit {res.returncode}):\n{tail}")
-    return res.stdout, res.stderr
-
-
 def save_base_logits(*, tool: Path, gguf: Path, text: Path, ctx: int, chunks: int,
                      out: Path) -> float:
     """Write ``out`` (base log-probs of ``gguf`` on ``text``); return its perplexity.
 
     ``out`` is written in place: pass a temporary path (``atomic.output_file``).
     """
-    stdout, stderr = run_tool(
+    stdout, stderr = run_captured(
         [str(tool), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks",
          str(chunks), "-t", str(threads()), "--kl-divergence-base", str(out)],
         f"llama-perplexity --kl-divergence-base on {gguf}")
@@ -156,7 +140,7 @@ def parse_kld_stats(text: str) -> KldStats:
 
 def kl_divergence(*, tool: Path, gguf: Path, base: Path, ctx: int) -> KldStats:
     """KL divergence (and PPL ratio, same top token) of ``gguf`` against ``base``."""
-    stdout, stderr = run_tool(
+    stdout, stderr = run_captured(
         [str(tool), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
          "-c", str(ctx), "-t", str(threads())], f"llama-perplexity --kl-divergence on {gguf}")
     return parse_kld_stats(stdout + "\n" + stderr)
@@ -178,28 +162,13 @@ def parse_smoke(stdout: str, stderr: str, max_tokens: int) -> SmokeRun:
 def smoke_chat(*, tool: Path, gguf: Path, prompt: str, max_tokens: int,
                repeat_penalty: float) -> SmokeRun:
     """One greedy chat turn with the chat template embedded in ``gguf`` (Jinja)."""
-    stdout, stderr = run_tool(
+    stdout, stderr = run_captured(
         [str(tool), "-m", str(gguf), "--jinja", "-cnv", "--single-turn", "-p", prompt,
          "-n", str(max_tokens), "--temp", "0", "--seed", "0",
          "--repeat-penalty", str(repeat_penalty), "-c", str(max(512, 4 * max_tokens)),
          "-t", str(threads()), "--no-display-prompt", "--verbose-prompt", "--no-warmup"],
         f"llama-completion on {gguf}")
     return parse_smoke(stdout, stderr, max_tokens)
-
-
-def bits_per_weight(gguf: Path) -> float:
-    """Tensor bits per weight, as llama.cpp reports it (tensor bytes × 8 / elements)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(gguf)
-    except (ValueError, OSError) as exc:
-        raise ReleaseError(f"{gguf} is not a readable GGUF file: {exc}") from None
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    n_elements = sum(int(t.n_elements) for t in reader.tensors)
-    if not n_elements:
-        raise ReleaseError(f"{gguf} holds no tensors")
-    return n_bytes * 8 / n_elements
 
 
 def read_base_logits(path: Path) -> BaseLogits:

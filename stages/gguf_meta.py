@@ -31,14 +31,18 @@ def _scalar(reader, key: str):
     return field.contents()
 
 
-def read_chat_info(path: Path) -> ChatInfo:
-    """Chat template, BOS/EOS ids and stop strings of a GGUF file."""
+def open_reader(path: Path):
+    """A gguf-py reader of ``path`` (header parsed, tensor data memory-mapped)."""
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except (ValueError, OSError) as exc:
         raise ReleaseError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def chat_info(reader) -> ChatInfo:
+    """Chat template, BOS/EOS ids and stop strings from an open reader."""
     tokens = _scalar(reader, "tokenizer.ggml.tokens") or []
     stops: list[str] = []
     for key in STOP_KEYS:
@@ -52,3 +56,17 @@ def read_chat_info(path: Path) -> ChatInfo:
         add_bos=_scalar(reader, "tokenizer.ggml.add_bos_token"),
         stop_strings=tuple(stops),
     )
+
+
+def read_chat_info(path: Path) -> ChatInfo:
+    """Chat template, BOS/EOS ids and stop strings of a GGUF file."""
+    return chat_info(open_reader(path))
+
+
+def bits_per_weight(reader, path: Path) -> float:
+    """Tensor bits per weight, as llama.cpp reports it (tensor bytes × 8 / elements)."""
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n_elements = sum(int(t.n_elements) for t in reader.tensors)
+    if not n_elements:
+        raise ReleaseError(f"{path} holds no tensors")
+    return n_bytes * 8 / n_elements

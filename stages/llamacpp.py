@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.errors import ReleaseError
+
 log = logging.getLogger(__name__)
 
 # The one list of llama.cpp tools this project uses; later stages add here.
@@ -146,6 +148,23 @@ def run_tool(cmd: list[str], *, progress: re.Pattern[str] | None = None,
     if bar is not None:
         bar.close()
     return ToolRun(returncode=proc.returncode, output="".join(lines))
+
+
+def threads() -> int:
+    """CPU threads for a tool: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_captured(cmd: list[str], what: str) -> tuple[str, str]:
+    """Run a llama.cpp program whose stdout is its result (generated text, statistics)
+    apart from its log on stderr; both, or a ReleaseError with the tail of the log."""
+    log.debug("$ %s", " ".join(cmd))
+    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         errors="replace")
+    if res.returncode != 0:
+        tail = ToolRun(returncode=res.returncode, output=res.stdout + res.stderr).tail(12)
+        raise ReleaseError(f"{what} failed (exit {res.returncode}):\n{tail}")
+    return res.stdout, res.stderr
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from stages.errors import ReleaseError
 
-MIB = 2**20
 # PNG size and resolution: readable on a Hub model card page (~800 px wide).
 FIGSIZE = (6.4, 4.0)
 DPI = 125

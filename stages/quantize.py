@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -82,7 +81,7 @@ def run(*, source: Path, out: Path, level: QuantLevel, llama_cpp_version: str) -
     check_free_disk(out.parent, source.stat().st_size)
     with atomic.output_file(out) as tmp:
         cmd = [str(tool), *level.quantize_args(), str(source), str(tmp), level.name,
-               str(os.cpu_count() or 1)]
+               str(llamacpp.threads())]
         log.info("quantizing %s to %s", source.name, level.name)
         result = llamacpp.run_tool(cmd, progress=TENSOR_PROGRESS, desc=level.name)
         if result.returncode != 0:
