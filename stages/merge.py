@@ -7,22 +7,30 @@ Writes: ``--out``: ``model-0000i-of-0000n.safetensors`` + index, config.json (no
         quantization_config; vocab_size, tie_word_embeddings updated), tokenizer,
         chat template, generation config.  Atomically.
 
-One chunk of one tensor is in memory at a time: untouched tensors are copied
-in the kernel, merged ones pass through fp32 a few rows at a time (stages/lora.py).
+Memory stays flat: each merge thread holds one chunk of one tensor.  Untouched
+tensors are copied in the kernel; merged ones pass through fp32 a few rows at
+a time (stages/lora_math.py); every tensor is written at its planned offset, so
+the threads (one per core) never wait for each other's order.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
-import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 from tqdm import tqdm
@@ -30,8 +38,8 @@ from tqdm import tqdm
 from stages import atomic
 from stages.cli import add_common, exit_now, progress_enabled, run_main
 from stages.errors import ReleaseError
-from stages.lora import (CHUNK_ELEMENTS, EMBED, LM_HEAD, MergePlan, Scratch, load_adapter,
-                         one_thread, plan_merge, tensor_chunks)
+from stages.lora import (CHUNK_ELEMENTS, EMBED, LM_HEAD, MergePlan, OutTensor, load_adapter,
+                         plan_merge)
 from stages.params import load_params
 from stages.safetensors_io import (DEFAULT_MAX_SHARD_SIZE, Reader, ShardWriter, TensorSpec,
                                    model_tensors, parse_size, plan_shards)
@@ -47,6 +55,8 @@ GENERATION_CONFIG = "generation_config.json"
 UNSLOTH_4BIT = re.compile(r"^(?P<id>unsloth/.+?)(?:-unsloth)?-bnb-4bit$")
 # The process itself: Python with torch imported measured ~250 MB; rounded up.
 PROCESS_RAM = 400 * 2**20
+# Merge threads at most (tuned on 2 cores; --threads overrides).
+MAX_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -132,29 +142,119 @@ def check_resources(*, need_disk: int, free_disk: int, need_ram: int, free_ram: 
                            f"LoRA pair + buffers), {free_ram / 1e9:.2f} GB are available")
 
 
-def _preflight(plan: MergePlan, files: dict[str, Path], out: Path, shards: int) -> None:
+def _preflight(plan: MergePlan, files: dict[str, Path], out: Path, shards: int,
+               threads: int) -> None:
     existing = next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())
     # 1 MiB per shard for its JSON header (a few KB per hundred tensors).
     need_disk = sum(TensorSpec(t.name, t.dtype, t.shape).nbytes for t in plan.tensors) \
         + shards * 2**20 + sum(p.stat().st_size for p in files.values())
     pairs = [t.lora.a.numel + t.lora.b.numel for t in plan.tensors if t.lora is not None]
-    need_ram = PROCESS_RAM + 8 * max(pairs, default=0) + 3 * 4 * CHUNK_ELEMENTS
+    # Per thread: one LoRA pair in fp32 (and its transpose), fp32 work + in/out chunks.
+    need_ram = PROCESS_RAM + threads * (8 * max(pairs, default=0) + 3 * 4 * CHUNK_ELEMENTS)
     check_resources(need_disk=need_disk, free_disk=shutil.disk_usage(existing).free,
                     need_ram=need_ram, free_ram=psutil.virtual_memory().available, out=out)
 
 
-def write_weights(writer: ShardWriter, reader: Reader, plan: MergePlan) -> None:
-    """Stream every planned tensor into the shards, in the writer's order."""
-    by_name = {t.name: t for t in plan.tensors}
-    scratch = Scratch()
-    with one_thread():
-        for spec in tqdm(writer.order, desc="merge", unit="tensor", leave=False,
-                         disable=not progress_enabled()):
-            item = by_name[spec.name]
-            if item.copied:
-                writer.copy(item.name, item.source, reader)
-            else:
-                writer.write(item.name, tensor_chunks(item, reader, scratch))
+class _Stop(Exception):
+    """Another merge thread failed: this one stops at its next chunk."""
+
+
+def default_threads() -> int:
+    """One merge thread per CPU core this process may use, at most MAX_THREADS."""
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+
+
+def work_order(plan: MergePlan, writer: ShardWriter) -> list[OutTensor]:
+    """The order tensors are handed to the merge threads.
+
+    Untouched tensors first (kernel copies that need no torch).  Then computed
+    ones, largest first so the threads finish together, taking turns between
+    shards: a file takes one write at a time, so threads on different shards
+    do not wait for each other.
+    """
+    shard_of = {spec.name: i for i, shard in enumerate(writer.shards) for spec in shard}
+    turns: dict[int, int] = collections.Counter()
+    computed = []
+    for item in sorted((t for t in plan.tensors if not t.copied), key=lambda t: -t.source.nbytes):
+        shard = shard_of[item.name]
+        computed.append((turns[shard], shard, item))
+        turns[shard] += 1
+    computed.sort(key=lambda turn: turn[:2])
+    return [t for t in plan.tensors if t.copied] + [item for *_, item in computed]
+
+
+def write_weights(writer: ShardWriter, reader: Reader, plan: MergePlan, *, threads: int) -> None:
+    """Fill the shards with every planned tensor, on ``threads`` threads.
+
+    Each thread takes the next tensor in :func:`work_order` and reads, computes
+    and writes it: on two cores one computes while the other is in the kernel
+    writing.  This thread imports torch meanwhile (2-4 s), while the first
+    tensors, kernel copies, are already being written.
+    """
+    work = collections.deque(work_order(plan, writer))
+    failures: list[BaseException] = []
+    math: list[ModuleType] = []
+    math_ready = threading.Event()
+    bar = tqdm(total=writer.total_size, desc="merge", unit="B", unit_scale=True, leave=False,
+               disable=not progress_enabled())
+    bar_lock = threading.Lock()
+
+    def advance(nbytes: int) -> None:
+        if failures:
+            raise _Stop
+        with bar_lock:
+            bar.update(nbytes)
+
+    def counted(chunks: Iterator[memoryview]) -> Iterator[memoryview]:
+        for chunk in chunks:
+            yield chunk
+            advance(chunk.nbytes)  # after the writer wrote it
+
+    def worker() -> None:
+        scratch = None
+        try:
+            while not failures:
+                try:
+                    item = work.popleft()
+                except IndexError:
+                    return
+                if item.copied:
+                    writer.copy(item.name, item.source, reader)
+                    advance(item.source.nbytes)
+                    continue
+                math_ready.wait()
+                if not math:
+                    return  # importing torch failed; the main thread reports it
+                scratch = scratch or math[0].Scratch()
+                writer.write(item.name, counted(math[0].tensor_chunks(item, reader, scratch)))
+        except _Stop:
+            pass
+        except BaseException as exc:
+            failures.append(exc)
+
+    pool = [threading.Thread(target=worker, name=f"merge-{i}", daemon=True)
+            for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                module = importlib.import_module("stages.lora_math")
+                stack.enter_context(module.one_thread())
+                math.append(module)
+            finally:
+                math_ready.set()
+            for thread in pool:
+                thread.join()
+    except BaseException as exc:
+        failures.append(exc)  # the threads stop at their next chunk
+        for thread in pool:
+            thread.join()
+        raise
+    finally:
+        bar.close()
+    if failures:
+        raise failures[0]
     writer.finish()
 
 
@@ -179,9 +279,10 @@ def run_unsloth(*, base: Path | None, adapter: Path, out: Path) -> None:
 
 
 def run(*, base: Path | None, adapter: Path, out: Path,
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> MergeResult:
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, threads: int | None = None) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the model folder ``out``."""
     start = time.monotonic()
+    threads = threads or default_threads()
     shard_cap = parse_size(max_shard_size)
     lora = load_adapter(adapter)
     base = base or resolve_base(lora.config.get("base_model_name_or_path"))
@@ -191,12 +292,12 @@ def run(*, base: Path | None, adapter: Path, out: Path,
     plan = plan_merge(tensors, lora, tied=tied)
     files = side_files(base, adapter)
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
-    _preflight(plan, files, out, len(plan_shards(specs, shard_cap)))
+    _preflight(plan, files, out, len(plan_shards(specs, shard_cap)), threads)
     with atomic.output_dir(out) as tmp:
         log.info("merging %s into %s: %d LoRA tensors, %d whole tensors", adapter, base,
                  len(lora.modules), len(lora.tensors))
         with Reader() as reader, ShardWriter(tmp, specs, max_shard_size=shard_cap) as writer:
-            write_weights(writer, reader, plan)
+            write_weights(writer, reader, plan, threads=threads)
         (tmp / "config.json").write_text(json.dumps(merged_config(config, plan), indent=2) + "\n")
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
@@ -224,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="merged model folder to write")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="cap on each safetensors shard, e.g. 1GB, 500MB (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="merge threads; each reads, computes and writes its own tensors "
+                        "(default: the CPU cores available, at most %d: %%(default)s)" % MAX_THREADS)
     parser.add_argument("--backend", choices=("ours", "unsloth"), default="ours",
                         help="`unsloth` calls Unsloth's merge (needs unsloth and CUDA)")
     parser.add_argument("--trainer", help="trainer key in --params: default adapter and base")
@@ -241,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ReleaseError("pass --adapter DIR (or --trainer KEY to take it from params.yaml)")
         if args.backend == "unsloth":
             return run_unsloth(base=base, adapter=adapter, out=args.out)
-        return run(base=base, adapter=adapter, out=args.out, max_shard_size=args.max_shard_size)
+        if args.threads < 1:
+            raise ReleaseError(f"--threads must be 1 or more, not {args.threads}")
+        return run(base=base, adapter=adapter, out=args.out, max_shard_size=args.max_shard_size,
+                   threads=args.threads)
 
     return run_main(args, body)
 

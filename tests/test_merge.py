@@ -9,6 +9,7 @@ Llama covers the edge cases: DoRA, patterns, bias, ties, prefixes, errors.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,35 @@ def picos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "untied": build_pico(root / "untied", tied=False, seed=1),
             "bias": build_pico(root / "bias", tied=False, bias=True, seed=2),
             "wide": build_pico(root / "wide", hidden=24, seed=3)}
+
+
+def test_smol_threads_write_identical_shards(smol_merges: dict, smollm2_base: Path,
+                                            tmp_path: Path) -> None:
+    """Threads write tensors in any order at planned offsets: the files are the same."""
+    adapter = smol_merges["rslora_all_linear"][0]
+    results = [merge.run(base=smollm2_base, adapter=adapter, out=tmp_path / f"t{n}",
+                         max_shard_size="100MB", threads=n) for n in (1, 3)]
+    assert results[0].shards == results[1].shards and len(results[0].shards) == 3
+    for name in [*results[0].shards, "model.safetensors.index.json"]:
+        assert (tmp_path / "t1" / name).read_bytes() == (tmp_path / "t3" / name).read_bytes(), name
+
+
+def test_smol_failing_thread_stops_the_merge_and_leaves_nothing(
+        smol_merges: dict, smollm2_base: Path, tmp_path: Path, repo_root: Path) -> None:
+    """A write that fails in one thread (here: files capped at 64 MB by RLIMIT_FSIZE, as a
+    full disk would) ends the merge with its error and no output, whichever thread hit it."""
+    adapter = smol_merges["rslora_all_linear"][0]
+    out = tmp_path / "out"
+
+    def cap_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20, 64 * 2**20))
+
+    proc = subprocess.run([sys.executable, "-m", "stages.merge", "--base", str(smollm2_base),
+                           "--adapter", str(adapter), "--out", str(out), "--threads", "2"],
+                          cwd=repo_root, capture_output=True, text=True, preexec_fn=cap_file_size)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: " in proc.stderr and "File too large" in proc.stderr, proc.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def merge_and_check(base: Path, adapter: Path, out: Path, **kwargs) -> merge.MergeResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,16 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     with Reader() as reader, ShardWriter(out, specs, max_shard_size=200) as writer:
-        for spec in writer.order:
+        def put(spec: TensorSpec) -> None:
             if spec.name.startswith("w."):
                 data = bytes(reader.read(infos[spec.name]))
                 writer.write(spec.name, [data[:5], data[5:]])  # in two uneven chunks
             else:
                 writer.copy(spec.name, infos[spec.name], reader)
+
+        # Any order, from several threads at once: each tensor lands at its own offset.
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(put, reversed(writer.order)))
         index = writer.finish()
     # 462 bytes of bf16 exceed the 200-byte cap: a shard of their own, between two others.
     assert writer.names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
@@ -108,13 +113,21 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     assert model_tensors(out).keys() == tensors.keys()
 
 
-def test_writer_refuses_wrong_order_and_size(tmp_path: Path) -> None:
-    specs = [TensorSpec("a", "U8", (4,)), TensorSpec("b", "U8", (4,))]
+def test_writer_refuses_unknown_repeated_short_and_missing_tensors(tmp_path: Path) -> None:
+    specs = [TensorSpec("a", "U8", (4,)), TensorSpec("b", "U8", (4,)), TensorSpec("c", "U8", (2,))]
     with ShardWriter(tmp_path, specs) as writer:
-        with pytest.raises(ValueError, match="expected `a`"):
+        with pytest.raises(ValueError, match="`z` is not a planned tensor"):
+            writer.write("z", [b"1234"])
+        writer.write("b", [b"12", b"34"])
+        with pytest.raises(ValueError, match="`b` was already written"):
             writer.write("b", [b"1234"])
         with pytest.raises(ReleaseError, match="produced 3 bytes, expected 4"):
             writer.write("a", [b"123"])
+        with pytest.raises(ReleaseError, match="produced 3 bytes, expected 2"):
+            writer.write("c", [b"12", b"3"])
+        with pytest.raises(ValueError, match="2 tensors were not written"):
+            writer.finish()
+    assert not (tmp_path / "model.safetensors.index.json").exists()
 
 
 def test_model_tensors_finds_shards_and_refuses_pickles(tmp_path: Path) -> None:
