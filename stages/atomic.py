@@ -75,10 +75,14 @@ def output_file(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def output_dir(path: Path) -> Iterator[Path]:
+def output_dir(path: Path, *, sync: bool = True) -> Iterator[Path]:
     """Yield an empty temp folder beside ``path``; swap it in on success.
 
     An existing ``path`` is replaced whole only once the new one is complete.
+    ``sync=False`` skips the fsync that makes the rename itself durable: for
+    folders whose data is not fsynced either (the merge's gigabytes), it would
+    buy nothing after a power cut, and it waits for the journal to commit the
+    writeback in flight (0.5-3 s measured after a 6 GB merge).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -96,4 +100,5 @@ def output_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         remove(tmp)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)

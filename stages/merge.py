@@ -293,7 +293,9 @@ def run(*, base: Path | None, adapter: Path, out: Path,
     files = side_files(base, adapter)
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     _preflight(plan, files, out, len(plan_shards(specs, shard_cap)), threads)
-    with atomic.output_dir(out) as tmp:
+    # Like save_pretrained and cp, the shards are not fsynced (it would tie the merge to the
+    # disk's speed), so neither is the rename (see atomic.output_dir).
+    with atomic.output_dir(out, sync=False) as tmp:
         log.info("merging %s into %s: %d LoRA tensors, %d whole tensors", adapter, base,
                  len(lora.modules), len(lora.tensors))
         with Reader() as reader, ShardWriter(tmp, specs, max_shard_size=shard_cap) as writer:

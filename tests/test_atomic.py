@@ -9,11 +9,12 @@ import pytest
 from stages import atomic
 
 
-def test_output_dir_replaces_whole_on_success(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", [True, False])
+def test_output_dir_replaces_whole_on_success(tmp_path: Path, sync: bool) -> None:
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.safetensors").write_text("old")
-    with atomic.output_dir(out) as tmp:
+    with atomic.output_dir(out, sync=sync) as tmp:
         (tmp / "model.safetensors").write_text("new")
         assert not (out / "model.safetensors").exists()  # nothing visible before the end
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
