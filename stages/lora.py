@@ -1,11 +1,11 @@
-"""A peft LoRA adapter: read it, check it against a base, merge it exactly.
+"""A peft LoRA adapter: read it and plan its merge into a base.
 
 Reads an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
 as peft, Unsloth and TRL save it, plans every output tensor of the merged
-model from the base's shard headers, and and says, per tensor, what the merge
-does: copy it, replace it, or merge a LoRA into it.  No torch here: planning
-runs (and its errors show) while torch is still being imported; the math is in
-stages/lora_math.py.
+model from the base's shard headers, and says, per tensor, what the merge
+does: copy it, replace it, or merge a LoRA into it.  No torch here: a plan's
+errors show before torch is imported (2-4 s), and the merge imports it while
+it copies the untouched tensors.  The arithmetic is in stages/lora_math.py.
 """
 
 from __future__ import annotations
