@@ -151,7 +151,7 @@ def run_tool(cmd: list[str], *, progress: re.Pattern[str] | None = None,
 
 
 def threads() -> int:
-    """CPU threads for a tool: the cores this process may use."""
+    """CPU threads for a tool (and the merge's default): the cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

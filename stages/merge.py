@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import threading
@@ -35,7 +34,7 @@ from types import ModuleType
 import psutil
 from tqdm import tqdm
 
-from stages import atomic
+from stages import atomic, llamacpp
 from stages.cli import add_common, exit_now, progress_enabled, run_main
 from stages.errors import ReleaseError
 from stages.lora import (CHUNK_ELEMENTS, EMBED, LM_HEAD, MergePlan, OutTensor, load_adapter,
@@ -161,7 +160,7 @@ class _Stop(Exception):
 
 def default_threads() -> int:
     """One merge thread per CPU core this process may use, at most MAX_THREADS."""
-    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+    return min(MAX_THREADS, llamacpp.threads())
 
 
 def work_order(plan: MergePlan, writer: ShardWriter) -> list[OutTensor]:
@@ -172,11 +171,10 @@ def work_order(plan: MergePlan, writer: ShardWriter) -> list[OutTensor]:
     shards: a file takes one write at a time, so threads on different shards
     do not wait for each other.
     """
-    shard_of = {spec.name: i for i, shard in enumerate(writer.shards) for spec in shard}
     turns: dict[int, int] = collections.Counter()
     computed = []
     for item in sorted((t for t in plan.tensors if not t.copied), key=lambda t: -t.source.nbytes):
-        shard = shard_of[item.name]
+        shard = writer.shard_of(item.name)
         computed.append((turns[shard], shard, item))
         turns[shard] += 1
     computed.sort(key=lambda turn: turn[:2])

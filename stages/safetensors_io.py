@@ -302,6 +302,10 @@ class ShardWriter:
         for fd in fds:
             os.close(fd)
 
+    def shard_of(self, name: str) -> int:
+        """The index (into :attr:`names`) of the shard that holds tensor ``name``."""
+        return self._place[name][1]
+
     def _claim(self, name: str) -> tuple[TensorSpec, int, int]:
         with self._lock:
             if name not in self._place:
@@ -361,7 +365,7 @@ class ShardWriter:
         if missing:
             raise ValueError(f"writer: {len(missing)} tensors were not written, e.g. `{missing[0]}`")
         self.close()
-        weight_map = {spec.name: self.names[self._place[spec.name][1]]
+        weight_map = {spec.name: self.names[self.shard_of(spec.name)]
                       for spec in sorted(self.order, key=lambda s: s.name)}
         index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
         path = self.folder / INDEX_NAME
