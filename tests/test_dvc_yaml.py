@@ -17,7 +17,8 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def local_imports(module: str) -> set[str]:
-    """Every ``stages.*`` module that ``module`` imports, transitively (top level only)."""
+    """Every ``stages.*`` module that ``module`` imports, transitively: at top level, or
+    deferred through ``importlib.import_module`` (as the merge imports its torch part)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -31,6 +32,11 @@ def local_imports(module: str) -> set[str]:
                 todo += [f"stages.{a.name}" for a in node.names]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
                 todo.append(node.module)
+        for node in ast.walk(tree):  # deferred ones: importlib.import_module("stages.x")
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" \
+                    and node.args and isinstance(node.args[0], ast.Constant) \
+                    and str(node.args[0].value).startswith("stages."):
+                todo.append(node.args[0].value)
     return seen
 
 
