@@ -17,10 +17,10 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv tools demo test push pick bench status clean
+.PHONY: help venv tools demo test test-fast lint push pick bench status clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
 
 venv: $(STAMP)  ## create .venv with the pinned dependencies
 
@@ -33,14 +33,20 @@ $(STAMP): requirements.lock
 	touch $@
 
 tools: venv  ## build the pinned llama.cpp tools once (cached outside the repo)
-	$(PY) -m stages.llamacpp --params params.yaml
+	$(PY) -m stages.tools --params params.yaml
 
 demo: tools  ## run the whole pipeline on the embedded demo (offline)
 	$(DVC) repro
 	$(PY) -m stages.summary --params params.yaml
 
-test: tools  ## run every test
+test: tools  ## run every test (what CI runs)
 	$(PY) -m pytest
+
+test-fast: venv  ## the unit tier: no training, no llama.cpp, under a minute
+	$(PY) -m pytest -m "not slow" -q
+
+lint: venv  ## ruff over stages/, tests/ and bench/
+	$(VENV)/bin/ruff check stages tests bench
 
 push: tools  ## build and publish one trainer: make push TRAINER=sft
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi

@@ -220,7 +220,8 @@ def machine() -> str:
     import psutil
 
     cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
             f"load average at the end {load}")

@@ -18,7 +18,6 @@ One DVC stage per trainer × level, so changing one level re-evaluates only it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -26,12 +25,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages import atomic, llamacpp
-from stages.cli import add_common, run_main
-from stages.errors import ReleaseError
-from stages.fidelity import KldStats, SmokeRun, kl_divergence, smoke_chat
-from stages.gguf_meta import bits_per_weight, chat_info, open_reader
-from stages.params import Params, load_params
+from stages.config.params import Params, load_params
+from stages.core import atomic
+from stages.core.cli import run_stage, stage_parser
+from stages.core.errors import ReleaseError
+from stages.fidelity.llama_checks import KldStats, SmokeRun, kl_divergence, smoke_chat
+from stages.llamacpp import tools as llamacpp
+from stages.llamacpp.gguf_meta import bits_per_weight, chat_info, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -117,27 +117,22 @@ def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path) -> E
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.evaluate",
-        description="Measure one level's GGUF against its trainer's reference: KL divergence, "
-        "PPL ratio, same top token (llama-perplexity) and a smoke chat turn (llama-completion).",
-    )
+    parser = stage_parser(
+        "stages.evaluate", "Measure one level's GGUF against its trainer's reference: "
+        "KL divergence, PPL ratio, same top token (llama-perplexity) and a smoke chat turn "
+        "(llama-completion).")
     parser.add_argument("--level", required=True, help="a key of quantize.levels, e.g. Q4_K_M")
     parser.add_argument("--gguf", type=Path, required=True, help="the level's GGUF")
     parser.add_argument("--logits", type=Path, required=True,
                         help="base-logits file written by the reference stage")
     parser.add_argument("--out", type=Path, required=True,
                         help="<LEVEL>.json metrics file to write (details go beside it)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
-    add_common(parser)
-    args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body(args) -> None:
         run(params=load_params(args.params), level=args.level, gguf=args.gguf,
             logits=args.logits, out=args.out)
 
-    return run_main(args, body)
+    return run_stage(parser, argv, body)
 
 
 if __name__ == "__main__":

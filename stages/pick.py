@@ -11,20 +11,20 @@ change is easy to review (``git diff params.yaml``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import sys
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 import yaml
 
-from stages import atomic
-from stages.cli import add_common, run_main
-from stages.errors import ReleaseError
-from stages.params import load_params, parse_params
+from stages.config.params import load_params, parse_params
+from stages.core import atomic
+from stages.core.cli import run_stage, stage_parser
+from stages.core.errors import ReleaseError
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ def is_complete(run: Path) -> bool:
 
 def finished_at(run: Path) -> str:
     """Sort key: the lineage's finish time, else the weights' mtime (ISO)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     lineage = run / "training_lineage.json"
     try:
         return str(json.loads(lineage.read_text())["finished"])
     except (OSError, ValueError, KeyError, TypeError):
         mtime = (run / "final_model" / WEIGHTS).stat().st_mtime
-        return datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+        return datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
 
 
 def newest_run(output_root: Path) -> Path:
@@ -107,18 +107,12 @@ def run(*, params_path: Path, trainer_key: str) -> PickResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.pick",
-        description="Set trainers.<TRAINER>.adapter in params.yaml to the newest complete run "
-        "under trainers.<TRAINER>.output_root (an explicit, reviewable one-line edit).",
-    )
+    parser = stage_parser(
+        "stages.pick", "Set trainers.<TRAINER>.adapter in params.yaml to the newest complete run "
+        "under trainers.<TRAINER>.output_root (an explicit, reviewable one-line edit).",)
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
-    add_common(parser)
-    args = parser.parse_args(argv)
-    return run_main(args, lambda: print(run(params_path=args.params,
-                                            trainer_key=args.trainer).adapter))
+    return run_stage(parser, argv, lambda args: print(
+        run(params_path=args.params, trainer_key=args.trainer).adapter))
 
 
 if __name__ == "__main__":

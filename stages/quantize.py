@@ -1,126 +1,38 @@
-"""Quantize the full-precision GGUF of one trainer to one level.
+"""Quantize the full-precision GGUF of one trainer to one level (the ``quantize`` stage).
 
 Reads:  the bf16/f16 GGUF of a trainer and ``quantize.levels.<LEVEL>`` in
         params.yaml.
-Writes: ``--out`` (the quantized GGUF) and, beside it, ``<LEVEL>.json``: bytes,
-        sha256, the llama-quantize command, and the tensors where llama.cpp
-        fell back to another type (K-quants need rows that are a multiple of
-        256; SmolLM2's 576-wide rows are not).
+Writes: ``--out`` (the quantized GGUF) and, beside it, ``<LEVEL>.json`` (bytes,
+        sha256, options, llama.cpp's type fallbacks).  Atomically.
 
-One DVC stage per trainer × level, so changing one level reruns only it.
+One DVC stage per trainer × level, so changing one level reruns only it.  The
+work is :func:`stages.llamacpp.quantize.quantize_gguf`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import re
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages import atomic, llamacpp
-from stages.cli import add_common, run_main
-from stages.convert import check_free_disk
-from stages.errors import ReleaseError
-from stages.hashing import sha256_file
-from stages.params import QuantLevel, load_params
-
-log = logging.getLogger(__name__)
-
-# llama-quantize warns, per tensor whose row size does not fit the level's
-# block size (src/llama-quant.cpp, tensor_type_fallback):
-#   "warning: blk.0.attn_k.weight  - ncols    576 not divisible by 256 (required for type    q4_K) -> falling back to    q5_0"
-FALLBACK = re.compile(
-    r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) "
-    r"\(required for type\s+(\w+)\).*?-> falling back to\s+(\w+)"
-)
-
-# llama-quantize's per-tensor line: "[  12/ 272]  blk.0.attn_k.weight - [576, 192, ...]"
-TENSOR_PROGRESS = re.compile(r"^\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
-
-
-@dataclass(frozen=True)
-class Fallback:
-    wanted: str
-    used: str
-    block: int
-    tensors: int
-
-
-@dataclass(frozen=True)
-class QuantizeResult:
-    level: str
-    out: Path
-    bytes: int
-    sha256: str
-    fallbacks: tuple[Fallback, ...]
-
-
-def parse_fallbacks(log_text: str) -> tuple[Fallback, ...]:
-    """Count llama-quantize's fallbacks by (wanted type, used type)."""
-    counts: dict[tuple[str, str, int], int] = {}
-    for _name, _cols, block, wanted, used in FALLBACK.findall(log_text):
-        key = (wanted, used, int(block))
-        counts[key] = counts.get(key, 0) + 1
-    return tuple(Fallback(wanted=w, used=u, block=b, tensors=n)
-                 for (w, u, b), n in sorted(counts.items()))
-
-
-def record_path(out: Path) -> Path:
-    """The JSON record written beside a quantized GGUF."""
-    return out.with_suffix(".json")
-
-
-def run(*, source: Path, out: Path, level: QuantLevel, llama_cpp_version: str) -> QuantizeResult:
-    """Quantize ``source`` to ``level`` into ``out`` and write its record."""
-    if not source.is_file():
-        raise ReleaseError(f"input GGUF {source} not found; run the convert stage first")
-    tool = llamacpp.tool_path("llama-quantize", llama_cpp_version)
-    check_free_disk(out.parent, source.stat().st_size)
-    with atomic.output_file(out) as tmp:
-        cmd = [str(tool), *level.quantize_args(), str(source), str(tmp), level.name,
-               str(llamacpp.threads())]
-        log.info("quantizing %s to %s", source.name, level.name)
-        result = llamacpp.run_tool(cmd, progress=TENSOR_PROGRESS, desc=level.name)
-        if result.returncode != 0:
-            raise ReleaseError(f"llama-quantize failed (exit {result.returncode}) for "
-                               f"{level.name}:\n{result.tail()}")
-    fallbacks = parse_fallbacks(result.output)
-    for fb in fallbacks:
-        log.warning("%s: %d tensors used %s instead of %s (rows not a multiple of %d)",
-                    level.name, fb.tensors, fb.used, fb.wanted, fb.block)
-    res = QuantizeResult(level=level.name, out=out, bytes=out.stat().st_size,
-                         sha256=sha256_file(out), fallbacks=fallbacks)
-    record = {"level": res.level, "file": out.name, "bytes": res.bytes, "sha256": res.sha256,
-              "options": asdict(level), "fallbacks": [asdict(f) for f in fallbacks],
-              "llama_cpp": llama_cpp_version}
-    atomic.write_text(record_path(out), json.dumps(record, indent=2) + "\n")
-    log.info("wrote %s (%.1f MiB)", out, res.bytes / 2**20)
-    return res
+from stages.config.params import load_params
+from stages.core.cli import run_stage, stage_parser
+from stages.llamacpp.quantize import quantize_gguf
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.quantize",
-        description="Quantize a bf16/f16 GGUF to one llama-quantize level (options from "
-        "quantize.levels.<LEVEL> in params.yaml); also writes <out minus .gguf>.json.",
-    )
+    parser = stage_parser(
+        "stages.quantize", "Quantize a bf16/f16 GGUF to one llama-quantize level (options from "
+        "quantize.levels.<LEVEL> in params.yaml); also writes <out minus .gguf>.json.")
     parser.add_argument("--in", dest="source", type=Path, required=True, help="bf16/f16 GGUF")
     parser.add_argument("--level", required=True, help="a key of quantize.levels, e.g. Q4_K_M")
     parser.add_argument("--out", type=Path, required=True, help="quantized GGUF to write")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
-    add_common(parser)
-    args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body(args) -> None:
         params = load_params(args.params)
-        run(source=args.source, out=args.out, level=params.level(args.level),
-            llama_cpp_version=params.llama_cpp_version)
+        quantize_gguf(source=args.source, out=args.out, level=params.level(args.level),
+                      llama_cpp_version=params.llama_cpp_version)
 
-    return run_main(args, body)
+    return run_stage(parser, argv, body)
 
 
 if __name__ == "__main__":

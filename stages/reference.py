@@ -21,7 +21,6 @@ card, push) is built from a broken conversion.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -29,15 +28,24 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages import atomic, llamacpp
-from stages.cli import add_common, run_main
-from stages.errors import ReleaseError
-from stages.fidelity import read_base_logits, save_base_logits
-from stages.gguf_meta import read_chat_info
-from stages.hf_checks import (AdapterResult, ChatCheck, ConversionResult, adapter_effect,
-                              check_chat, conversion_check, load_model, load_prompts,
-                              load_tokenizer)
-from stages.params import Params, Trainer, load_params
+from stages.config.params import Params, Trainer, load_params
+from stages.core import atomic
+from stages.core.cli import run_stage, stage_parser
+from stages.core.errors import ReleaseError
+from stages.fidelity.hf_checks import (
+    AdapterResult,
+    ChatCheck,
+    ConversionResult,
+    adapter_effect,
+    check_chat,
+    conversion_check,
+    load_model,
+    load_prompts,
+    load_tokenizer,
+)
+from stages.fidelity.llama_checks import read_base_logits, save_base_logits
+from stages.llamacpp import tools as llamacpp
+from stages.llamacpp.gguf_meta import read_chat_info
 
 log = logging.getLogger(__name__)
 
@@ -143,27 +151,22 @@ def run(*, params: Params, trainer_key: str, gguf: Path, merged: Path, logits: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.reference",
-        description="Check a trainer's bf16/f16 GGUF (chat template and special tokens, adapter "
-        "effect, HF-vs-GGUF conversion) and save its base logits for the level evaluations.",
-    )
+    parser = stage_parser(
+        "stages.reference", "Check a trainer's bf16/f16 GGUF (chat template and special "
+        "tokens, adapter effect, HF-vs-GGUF conversion) and save its base logits for the level "
+        "evaluations.")
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
     parser.add_argument("--gguf", type=Path, required=True, help="the trainer's bf16/f16 GGUF")
     parser.add_argument("--merged", type=Path, required=True, help="the merged HF model folder")
     parser.add_argument("--logits", type=Path, required=True,
                         help="base-logits file to write (llama-perplexity --kl-divergence-base)")
     parser.add_argument("--out", type=Path, required=True, help="reference.json to write")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
-    add_common(parser)
-    args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body(args) -> None:
         run(params=load_params(args.params), trainer_key=args.trainer, gguf=args.gguf,
             merged=args.merged, logits=args.logits, out=args.out)
 
-    return run_main(args, body)
+    return run_stage(parser, argv, body)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from stages.card import human_size
-from stages.cli import add_common, run_main
-from stages.params import load_params
+from stages.config.params import load_params
+from stages.core.cli import run_stage, stage_parser
+from stages.core.preflight import human_size
 
 
 def summarize(params_path: Path, build: Path) -> str:
@@ -34,14 +33,10 @@ def summarize(params_path: Path, build: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.summary",
-                                     description="List each trainer's released files.")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
+    parser = stage_parser(
+        "stages.summary", "List each trainer's released files.")
     parser.add_argument("--build", type=Path, default=Path("build"), help="build folder")
-    add_common(parser)
-    args = parser.parse_args(argv)
-    return run_main(args, lambda: print(summarize(args.params, args.build)))
+    return run_stage(parser, argv, lambda args: print(summarize(args.params, args.build)))
 
 
 if __name__ == "__main__":

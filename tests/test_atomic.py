@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import atomic
+from stages.core import atomic
 
 
 @pytest.mark.parametrize("sync", [True, False])

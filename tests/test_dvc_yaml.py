@@ -1,6 +1,9 @@
-"""dvc.yaml lists, for every stage, each module its command imports.
+"""dvc.yaml: every stage's deps cover the code it runs, and nothing more.
 
-Otherwise DVC would not rerun a stage when code it runs changes.
+A stage lists its own module, the library folders of ``stages/`` it imports,
+and its data. If an import were not under a dep, DVC would not rerun the stage
+when that code changes; if a folder were listed that the stage never imports,
+editing it would rerun the stage for nothing.
 """
 
 from __future__ import annotations
@@ -14,44 +17,101 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+PY = DVC["vars"][0]["py"]
+STAGES = REPO / "stages"
+LIBRARIES = sorted(p.name for p in STAGES.iterdir() if (p / "__init__.py").is_file())
 
 
-def local_imports(module: str) -> set[str]:
-    """Every ``stages.*`` module that ``module`` imports, transitively: at top level, or
-    deferred through ``importlib.import_module`` (as the merge imports its torch part)."""
-    seen: set[str] = set()
-    todo = [module]
+def module_file(module: str) -> Path:
+    """The file of ``stages.x.y``: ``stages/x/y.py`` or ``stages/x/y/__init__.py``."""
+    path = REPO / module.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def direct_imports(module: str) -> set[str]:
+    """``stages.*`` modules that ``module`` imports anywhere in its body (deferred ones
+    too, and ``importlib.import_module("stages.x")``), with their parent packages."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(module_file(module).read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_file(sub).is_file() else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("stages.")}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" \
+                and node.args and isinstance(node.args[0], ast.Constant) \
+                and str(node.args[0].value).startswith("stages."):
+            found.add(node.args[0].value)
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(2, m.count(".") + 1)}
+    return found | parents
+
+
+def all_imports(module: str) -> set[str]:
+    """``module`` and everything it imports from ``stages``, transitively."""
+    seen, todo = set(), [module]
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((REPO / (name.replace(".", "/") + ".py")).read_text())
-        for node in tree.body:  # module-level imports: what `python -m` always loads
-            if isinstance(node, ast.ImportFrom) and node.module == "stages":
-                todo += [f"stages.{a.name}" for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
-                todo.append(node.module)
-        for node in ast.walk(tree):  # deferred ones: importlib.import_module("stages.x")
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" \
-                    and node.args and isinstance(node.args[0], ast.Constant) \
-                    and str(node.args[0].value).startswith("stages."):
-                todo.append(node.args[0].value)
-    return seen
+        if name not in seen:
+            seen.add(name)
+            todo += direct_imports(name)
+    return seen - {"stages"}  # stages/__init__.py: a docstring only
 
 
 def stage_defs() -> list[tuple[str, dict]]:
-    out = []
-    for name, stage in DVC["stages"].items():
-        body = stage.get("do", stage)
-        out.append((name, body))
-    return out
+    return [(name, stage.get("do", stage)) for name, stage in DVC["stages"].items()]
+
+
+def stage_module(stage: dict) -> str:
+    cmd = " ".join(stage["cmd"].split())
+    match = re.match(r"\$\{py\}\.([\w.]+)\s", cmd)
+    assert match, f"cmd does not start with ${{py}}.<module>: {cmd}"
+    return f"stages.{match.group(1)}"
+
+
+def code_deps(stage: dict) -> list[str]:
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    return [d for d in deps if d.startswith("stages/")]
 
 
 @pytest.mark.parametrize(("name", "stage"), stage_defs(), ids=[n for n, _ in stage_defs()])
-def test_stage_deps_list_every_imported_module(name: str, stage: dict) -> None:
-    module = re.search(r"-m (stages\.\w+)", stage["cmd"]).group(1)
-    needed = {m.replace(".", "/") + ".py" for m in local_imports(module)}
-    deps = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
-    missing = sorted(needed - deps - {"stages/__init__.py"})
-    assert not missing, f"stage {name} runs {module} but dvc.yaml deps lack {missing}"
+def test_every_import_lies_under_a_listed_dep(name: str, stage: dict) -> None:
+    module = stage_module(stage)
+    deps = [REPO / d for d in code_deps(stage)]
+    missing = sorted(str(module_file(m).relative_to(REPO)) for m in all_imports(module)
+                     if not any(module_file(m) == d or d in module_file(m).parents for d in deps))
+    assert not missing, f"stage {name} runs {module} but no dep of dvc.yaml covers {missing}"
+
+
+@pytest.mark.parametrize(("name", "stage"), stage_defs(), ids=[n for n, _ in stage_defs()])
+def test_code_deps_are_the_module_and_library_folders_it_uses(name: str, stage: dict) -> None:
+    module = stage_module(stage)
+    own = str(module_file(module).relative_to(REPO))
+    used = {f"stages/{m.split('.')[1]}" for m in all_imports(module) if m.count(".") >= 2}
+    used -= {str(Path(own).parent)}  # stages/demo/ holds stages, not a library
+    deps = code_deps(stage)
+    assert deps[:1] == [own], f"stage {name}: the first code dep should be its module {own}"
+    assert sorted(deps[1:]) == sorted(used), \
+        f"stage {name}: code deps after its module should be the folders it imports: {sorted(used)}"
+
+
+def test_no_stage_imports_another_stage() -> None:
+    runnable = {f"stages.{p.stem}" for p in STAGES.glob("*.py") if p.stem != "__init__"}
+    runnable |= {f"stages.demo.{p.stem}" for p in (STAGES / "demo").glob("*.py")
+                 if p.stem != "__init__"}
+    for module in sorted(runnable):
+        others = (all_imports(module) - {module}) & runnable
+        assert not others, f"{module} imports the stage(s) {sorted(others)}"
+
+
+def test_libraries_do_not_import_stages_and_each_has_a_docstring() -> None:
+    for lib in LIBRARIES:
+        doc = ast.get_docstring(ast.parse((STAGES / lib / "__init__.py").read_text()))
+        assert doc and len(doc.split()) >= 15, f"stages/{lib}/__init__.py needs a docstring"
+        if lib == "demo":
+            continue
+        for path in (STAGES / lib).glob("*.py"):
+            module = f"stages.{lib}.{path.stem}"
+            stages = {m for m in direct_imports(module) if m.count(".") == 1
+                      and m.split(".")[1] not in LIBRARIES}
+            assert not stages, f"library {module} imports the stage(s) {sorted(stages)}"

@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.errors import ReleaseError
-from stages.fidelity import KldStats, SmokeRun, parse_kld_stats, parse_smoke
-from stages.gguf_meta import ChatInfo
+from stages.core.errors import ReleaseError
+from stages.fidelity.llama_checks import KldStats, SmokeRun, parse_kld_stats, parse_smoke
+from stages.llamacpp.gguf_meta import ChatInfo
 from tests.pipeline import copy_repo, run, set_param
-
-pytestmark = pytest.mark.slow
 
 TRAINERS = ("sft", "kto")
 LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
@@ -124,8 +122,8 @@ def test_dvc_plot_of_size_vs_kld(built_repo: Path) -> None:
 
 def test_level_over_its_threshold_fails_with_its_figures(built_repo: Path,
                                                          tmp_path: Path) -> None:
-    from stages import llamacpp
-    from stages.fidelity import save_base_logits
+    from stages.llamacpp import tools as llamacpp
+    from stages.fidelity.llama_checks import save_base_logits
 
     params = yaml.safe_load((built_repo / "params.yaml").read_text())
     params["evaluate"]["max_kld"] = {"default": 1.0e-6}
@@ -181,7 +179,7 @@ def test_adapter_with_zeroed_lora_b_fails_the_adapter_effect_check(clone: Path) 
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_base: Path):
-    from stages.hf_checks import load_tokenizer
+    from stages.fidelity.hf_checks import load_tokenizer
 
     return load_tokenizer(smollm2_base, chat_template=None, eos_token=None)
 
@@ -202,7 +200,7 @@ def chat_info(tok, **change) -> ChatInfo:
     ({"add_bos": True}, "prompts would start with two BOS tokens (1)"),
 ])
 def test_chat_check_names_each_broken_piece(tokenizer, change: dict, message: str | None) -> None:
-    from stages.hf_checks import check_chat
+    from stages.fidelity.hf_checks import check_chat
 
     info = chat_info(tokenizer, **change)
     if message is None:
@@ -215,7 +213,7 @@ def test_chat_check_names_each_broken_piece(tokenizer, change: dict, message: st
 
 
 def test_broken_template_syntax_is_reported(tokenizer) -> None:
-    from stages.hf_checks import check_chat
+    from stages.fidelity.hf_checks import check_chat
 
     broken = "{% for m in messages %}{{ m['content'] }"
     tokenizer_copy = type(tokenizer).from_pretrained(tokenizer.name_or_path)
@@ -288,8 +286,8 @@ def test_overrides_are_applied_before_conversion(built_repo: Path, tmp_path: Pat
 
     from gguf import SpecialVocab
 
-    from stages.convert import model_view
-    from stages.params import load_params
+    from stages.llamacpp.convert import model_view
+    from stages.config.params import load_params
 
     trainer = load_params(built_repo / "params.yaml").trainer("sft")
     merged = built_repo / "build/sft/work/merged"
@@ -305,8 +303,8 @@ def test_overrides_are_applied_before_conversion(built_repo: Path, tmp_path: Pat
 
 
 def test_card_records_the_overrides(built_repo: Path, tmp_path: Path) -> None:
-    from stages.card import run as render_card
-    from stages.params import parse_params
+    from stages.release.card import render_release as render_card
+    from stages.config.params import parse_params
 
     data = yaml.safe_load((built_repo / "params.yaml").read_text())
     data["trainers"]["sft"]["eos_token"] = "<|im_end|>"

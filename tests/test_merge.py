@@ -19,8 +19,10 @@ import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig
 
-from stages import merge
-from stages.errors import ReleaseError
+from stages import merge as merge_stage
+from stages.core import preflight
+from stages.weights import merge
+from stages.core.errors import ReleaseError
 from tests.merge_fixtures import (EMBED, LM_HEAD, NEW_TEMPLATE, build_peft_adapter, build_pico,
                                   load_model_tensors, peft_merged, raw_bytes, reference_merge,
                                   rounding_error, write_adapter)
@@ -54,7 +56,7 @@ def smol_merges(smollm2_base: Path, tmp_path_factory: pytest.TempPathFactory) ->
     for seed, (name, (config, resize)) in enumerate(SMOL_CASES.items()):
         adapter = build_peft_adapter(smollm2_base, root / name, LoraConfig(**config), seed=seed,
                                      resize=resize, tokenizer=resize is not None)
-        result = merge.run(base=smollm2_base, adapter=adapter, out=root / f"{name}-merged")
+        result = merge.merge_adapter(base=smollm2_base, adapter=adapter, out=root / f"{name}-merged")
         cases[name] = (adapter, result, resize)
     return cases
 
@@ -140,7 +142,7 @@ def test_smol_threads_write_identical_shards(smol_merges: dict, smollm2_base: Pa
                                             tmp_path: Path) -> None:
     """Threads write tensors in any order at planned offsets: the files are the same."""
     adapter = smol_merges["rslora_all_linear"][0]
-    results = [merge.run(base=smollm2_base, adapter=adapter, out=tmp_path / f"t{n}",
+    results = [merge.merge_adapter(base=smollm2_base, adapter=adapter, out=tmp_path / f"t{n}",
                          max_shard_size="100MB", threads=n) for n in (1, 3)]
     assert results[0].shards == results[1].shards and len(results[0].shards) == 3
     for name in [*results[0].shards, "model.safetensors.index.json"]:
@@ -167,7 +169,7 @@ def test_smol_failing_thread_stops_the_merge_and_leaves_nothing(
 
 def merge_and_check(base: Path, adapter: Path, out: Path, **kwargs) -> merge.MergeResult:
     """Merge, then compare every tensor with the float64 reference."""
-    result = merge.run(base=base, adapter=adapter, out=out, **kwargs)
+    result = merge.merge_adapter(base=base, adapter=adapter, out=out, **kwargs)
     ours = load_model_tensors(out)
     ref, changed, bounds = reference_merge(base, adapter)
     assert sorted(ours) == sorted(ref) and changed
@@ -243,7 +245,7 @@ def test_pico_key_prefixes_give_identical_output(picos: dict, tmp_path: Path) ->
     outputs = []
     for layout in ("peft", "default", "bare", "no_model_prefix"):
         adapter = write_adapter(tmp_path / layout, config, _hand_lora(picos["untied"], layout=layout))
-        merge.run(base=picos["untied"], adapter=adapter, out=tmp_path / f"{layout}-out")
+        merge.merge_adapter(base=picos["untied"], adapter=adapter, out=tmp_path / f"{layout}-out")
         outputs.append({k: raw_bytes(v) for k, v in load_model_tensors(tmp_path / f"{layout}-out").items()})
     assert all(o == outputs[0] for o in outputs[1:])
     merge_and_check(picos["untied"], tmp_path / "peft", tmp_path / "check")
@@ -278,7 +280,7 @@ def test_pico_tied_head_follows_the_resized_original(picos: dict, tmp_path: Path
     adapter = write_adapter(tmp_path / "a", {"r": 3, "lora_alpha": 6}, {
         "base_model.model.model.embed_tokens.modules_to_save.weight": trained,
         "base_model.model.model.embed_tokens.original_module.weight": original})
-    result = merge.run(base=picos["tied"], adapter=adapter, out=tmp_path / "out")
+    result = merge.merge_adapter(base=picos["tied"], adapter=adapter, out=tmp_path / "out")
     ours = load_model_tensors(tmp_path / "out")
     assert result.untied and result.vocab_size == 72
     assert raw_bytes(ours[EMBED]) == raw_bytes(trained)
@@ -287,7 +289,7 @@ def test_pico_tied_head_follows_the_resized_original(picos: dict, tmp_path: Path
 
 def _error(base: Path | None, adapter: Path, out: Path) -> str:
     with pytest.raises(ReleaseError) as info:
-        merge.run(base=base, adapter=adapter, out=out)
+        merge.merge_adapter(base=base, adapter=adapter, out=out)
     assert not out.exists(), "a failed merge must leave no output folder"
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
     return str(info.value)
@@ -362,7 +364,7 @@ def test_base_resolution_from_adapter(picos: dict, tmp_path: Path) -> None:
     adapter = write_adapter(tmp_path / "a", {"r": 3, "lora_alpha": 6,
                                              "base_model_name_or_path": str(picos["untied"])},
                             _hand_lora(picos["untied"], layout="peft"))
-    assert merge.run(base=None, adapter=adapter, out=tmp_path / "out").base == picos["untied"]
+    assert merge.merge_adapter(base=None, adapter=adapter, out=tmp_path / "out").base == picos["untied"]
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "unsloth/pico-llama-never-cached-unsloth-bnb-4bit"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -374,31 +376,23 @@ def test_cli(picos: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     adapter = write_adapter(tmp_path / "a", {"r": 3, "lora_alpha": 6},
                             _hand_lora(picos["untied"], layout="peft"))
     args = ["--base", str(picos["untied"]), "--adapter", str(adapter), "--quiet"]
-    assert merge.main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert merge_stage.main([*args, "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    assert merge.main([*args, "--out", str(tmp_path / "o2"), "--backend", "unsloth"]) == 1
-    assert merge.main([*args, "--out", str(tmp_path / "o3"), "--max-shard-size", "lots"]) == 1
+    assert merge_stage.main([*args, "--out", str(tmp_path / "o2"), "--backend", "unsloth"]) == 1
+    assert merge_stage.main([*args, "--out", str(tmp_path / "o3"), "--max-shard-size", "lots"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert "unsloth" in err[0] and "lots" in err[1]
 
 
-def test_cli_takes_adapter_and_base_from_params(picos: dict, tmp_path: Path,
-                                                repo_root: Path) -> None:
-    """--trainer: the trainer's base_model.path overrides the adapter's own base name."""
-    import yaml
-
+def test_cli_base_wins_over_the_adapters_own_base(picos: dict, tmp_path: Path) -> None:
+    """--base: the given folder is used even when the adapter names a base that is nowhere."""
     adapter = write_adapter(tmp_path / "a", {"r": 3, "lora_alpha": 6,
                                              "base_model_name_or_path": "org/not-here"},
                             _hand_lora(picos["untied"], layout="peft"))
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    key = next(iter(params["trainers"]))
-    params["trainers"][key].update(adapter=str(adapter))
-    params["trainers"][key]["base_model"]["path"] = str(picos["untied"])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
-    assert merge.main(["--trainer", key, "--params", str(tmp_path / "params.yaml"),
-                       "--out", str(out), "--quiet"]) == 0
+    assert merge_stage.main(["--base", str(picos["untied"]), "--adapter", str(adapter),
+                             "--out", str(out), "--quiet"]) == 0
     merge_and_check(picos["untied"], adapter, tmp_path / "check")
     assert load_model_tensors(out).keys() == load_model_tensors(tmp_path / "check").keys()
 
@@ -412,19 +406,19 @@ def test_check_resources(need_disk, free_disk, need_ram, free_ram, expected) -> 
     kwargs = dict(need_disk=need_disk, free_disk=free_disk, need_ram=need_ram,
                   free_ram=free_ram, out=Path("out"))
     if expected is None:
-        merge.check_resources(**kwargs)
+        preflight.check_resources(**kwargs)
     else:
         with pytest.raises(ReleaseError, match=expected):
-            merge.check_resources(**kwargs)
+            preflight.check_resources(**kwargs)
 
 
 FLAT_SCRIPT = """
 import resource, sys
 from pathlib import Path
-from stages import merge
+from stages.weights import merge
 root = Path(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-merge.run(base=root / "base", adapter=root / "ad", out=root / "out")
+merge.merge_adapter(base=root / "base", adapter=root / "ad", out=root / "out")
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stages.errors import ReleaseError
-from stages.safetensors_io import (Reader, ShardWriter, TensorSpec, model_tensors, parse_size,
+from stages.core.errors import ReleaseError
+from stages.weights.safetensors_io import (Reader, ShardWriter, TensorSpec, model_tensors, parse_size,
                                    plan_shards, read_header)
 
 

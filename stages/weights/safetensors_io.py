@@ -6,8 +6,8 @@ never through ``mmap``, so pages of the shards do not count as our resident
 memory.  Writing: every shard header is computed from names, dtypes and shapes
 before any data is written; each tensor is then written at its own offset,
 in any order and from several threads, either from chunks the caller produces
-or copied byte for byte inside the kernel (``copy_file_range``).  Shards are named the Hugging Face way
-(``model-00001-of-00003.safetensors``) and listed in
+or copied byte for byte inside the kernel (``copy_file_range``).  Shards are
+named the Hugging Face way (``model-00001-of-00003.safetensors``) and listed in
 ``model.safetensors.index.json``.
 
 Format (https://github.com/huggingface/safetensors#format): an 8-byte
@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import ReleaseError
+from stages.core.errors import ReleaseError
 
 # Bytes per element, from the safetensors spec (Dtype enum).
 DTYPE_SIZES: dict[str, int] = {
@@ -363,7 +363,8 @@ class ShardWriter:
         """Close the shards and write the index; returns the index path."""
         missing = [spec.name for spec in self.order if spec.name not in self._written]
         if missing:
-            raise ValueError(f"writer: {len(missing)} tensors were not written, e.g. `{missing[0]}`")
+            raise ValueError(
+                f"writer: {len(missing)} tensors were not written, e.g. `{missing[0]}`")
         self.close()
         weight_map = {spec.name: self.names[self.shard_of(spec.name)]
                       for spec in sorted(self.order, key=lambda s: s.name)}

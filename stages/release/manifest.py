@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from stages import llamacpp
-from stages.errors import ReleaseError
-from stages.hashing import sha256_file
-from stages.templates import environment
+from stages.core.errors import ReleaseError
+from stages.core.hashing import sha256_file
+from stages.llamacpp import tools as llamacpp
+from stages.release.templates import environment
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import torch
 
-from stages.errors import ReleaseError
-from stages.lora import CHUNK_ELEMENTS, OutTensor
-from stages.safetensors_io import Reader, TensorInfo
+from stages.core.errors import ReleaseError
+from stages.weights.lora import CHUNK_ELEMENTS, OutTensor
+from stages.weights.safetensors_io import Reader, TensorInfo
 
 # stages.lora.FLOAT_DTYPES as torch dtypes.
 TORCH_DTYPES: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16,

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import ReleaseError
-from stages.llamacpp import run_captured, threads
+from stages.core.errors import ReleaseError
+from stages.core.preflight import threads
+from stages.llamacpp.tools import run_captured
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import ReleaseError
-from stages.safetensors_io import TensorInfo, read_header
+from stages.core.errors import ReleaseError
+from stages.weights.safetensors_io import TensorInfo, read_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -161,7 +161,8 @@ def _lora_module(config: dict, module: str, parts: dict[str, TensorInfo]) -> Lor
                            f"of the same rank; found {found}")
     for info in (a, b):
         if info.dtype not in FLOAT_DTYPES:
-            raise ReleaseError(f"adapter tensor `{info.name}` has dtype {info.dtype}; expected floats")
+            raise ReleaseError(
+                f"adapter tensor `{info.name}` has dtype {info.dtype}; expected floats")
     magnitude = parts.get("lora_magnitude_vector") or parts.get("lora_magnitude_vector.weight")
     return LoraModule(module=module, a=a, b=b, scale=module_scale(config, module, a.shape[0]),
                       transposed=embedding or bool(config.get("fan_in_fan_out")),
@@ -231,7 +232,8 @@ def _lora_target(module: LoraModule, sources: dict[str, TensorInfo]) -> str:
     if base.dtype not in FLOAT_DTYPES:
         raise ReleaseError(f"base tensor `{weight}` has dtype {base.dtype}; a quantized base "
                            "cannot be merged into, use the 16-bit base")
-    if module.magnitude is not None and (module.transposed or module.magnitude.shape != base.shape[:1]):
+    if module.magnitude is not None and (module.transposed
+                                         or module.magnitude.shape != base.shape[:1]):
         raise ReleaseError(f"DoRA on `{module.module}` (magnitude {module.magnitude.shape_text()}, "
                            f"transposed={module.transposed}) is not supported; merge it with peft")
     return weight

@@ -12,21 +12,20 @@ stopped half way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from stages import atomic
-from stages.cli import add_common, run_main
-from stages.errors import ReleaseError
-from stages.hashing import sha256_file
-from stages.params import DemoRun, load_params
+from stages.config.params import DemoRun, load_params
+from stages.core import atomic
+from stages.core.cli import run_stage, stage_parser
+from stages.core.errors import ReleaseError
+from stages.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class TrainResult:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _trainer(spec: DemoRun, model, tokenizer, dataset, work: Path):
@@ -118,23 +117,17 @@ def run(*, spec: DemoRun, base: Path, base_id: str) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.train",
-        description="Fine-tune the demo LoRA adapter for one demo run (demo.runs.<name> in "
-        "params.yaml) and write a run folder shaped like a real trainer's.",
-    )
+    parser = stage_parser(
+        "stages.demo.train", "Fine-tune the demo LoRA adapter for one demo run "
+        "(demo.runs.<name> in params.yaml) and write a run folder shaped like a real trainer's.",)
     parser.add_argument("--run", required=True, help="demo run name (a key of demo.runs)")
     parser.add_argument("--base", type=Path, required=True, help="base model folder (HF format)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
-    add_common(parser)
-    args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body(args) -> None:
         params = load_params(args.params)
         run(spec=params.demo_run(args.run), base=args.base, base_id=params.demo_base_id)
 
-    return run_main(args, body)
+    return run_stage(parser, argv, body)
 
 
 if __name__ == "__main__":

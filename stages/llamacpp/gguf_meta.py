@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import ReleaseError
+from stages.core.errors import ReleaseError
 
 # Special-token ids whose text ends a turn (gguf-py Keys.Tokenizer).
 STOP_KEYS: tuple[str, ...] = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",

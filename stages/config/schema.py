@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.errors import ReleaseError
+from stages.core.errors import ReleaseError
 
 
 def need(data: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:

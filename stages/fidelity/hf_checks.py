@@ -18,10 +18,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.cli import progress_enabled
-from stages.errors import ReleaseError
-from stages.fidelity import LOG_PROB_FLOOR, BaseLogits
-from stages.gguf_meta import ChatInfo
+from stages.core.cli import progress_enabled
+from stages.core.errors import ReleaseError
+from stages.fidelity.llama_checks import LOG_PROB_FLOOR, BaseLogits
+from stages.llamacpp.gguf_meta import ChatInfo
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def load_tokenizer(folder: Path, *, chat_template: str | None, eos_token: str | 
 
 def first_difference(a: str, b: str) -> str:
     """Where two strings first differ, with a little context of each."""
-    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return f"at character {i}: GGUF {a[max(0, i - 20):i + 30]!r} vs HF {b[max(0, i - 20):i + 30]!r}"
 
 
@@ -232,6 +232,6 @@ def adapter_effect(*, base, merged, tok, prompts: list[list[dict]],
     kl = (lm[..., :vocab].exp() * (lm[..., :vocab] - lb[..., :vocab])).sum(-1)
     said = _answer_mask(seq[:, n:], tok.eos_token_id)
     return AdapterResult(prompts=len(prompts), kld_mean=float((kl * said).sum() / said.sum()),
-                         answers_differ=sum(a != b for a, b in zip(*texts)),
+                         answers_differ=sum(a != b for a, b in zip(*texts, strict=True)),
                          example_prompt=prompts[0][-1]["content"],
                          example_base=texts[0][0].strip(), example_merged=texts[1][0].strip())

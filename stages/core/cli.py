@@ -1,4 +1,16 @@
-"""What every stage's ``main`` shares: logging, --debug, one error line."""
+"""The one skeleton every runnable module of ``stages`` shares.
+
+A stage's ``main`` is three lines::
+
+    parser = stage_parser("stages.quantize", "what it does")
+    parser.add_argument(...)
+    return run_stage(parser, argv, lambda args: run(...))
+
+:func:`stage_parser` adds ``--params`` (when the stage reads params.yaml),
+``--debug`` and ``--quiet``; :func:`run_stage` parses, sets up logging, calls
+the body, and turns every :class:`ReleaseError` into one ``error: ...`` line
+(a traceback only with ``--debug``).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +19,38 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from stages.errors import ReleaseError
+from stages.core.errors import ReleaseError
 
 log = logging.getLogger(__name__)
 
+PARAMS = Path("params.yaml")
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """Add --debug and --quiet to a stage's parser."""
+
+def stage_parser(module: str, description: str, *, epilog: str | None = None,
+                 params: bool = True) -> argparse.ArgumentParser:
+    """The parser of ``python -m <module>``: ``--params`` (if asked), ``--debug``, ``--quiet``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                     epilog=epilog)
+    if params:
+        parser.add_argument("--params", type=Path, default=PARAMS,
+                            help="params file (default: %(default)s)")
     group = parser.add_argument_group("output")
     group.add_argument("--debug", action="store_true", help="debug logs and full tracebacks")
     group.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    return parser
 
 
-def run_main(args: argparse.Namespace, body: Callable[[], object]) -> int:
-    """Set up logging, call ``body``, turn ReleaseError into ``error: ...``."""
+def run_stage(parser: argparse.ArgumentParser, argv: list[str] | None,
+              body: Callable[[argparse.Namespace], object]) -> int:
+    """Parse ``argv``, set up logging, run ``body(args)``; 0, or 1 after one ``error:`` line."""
+    args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s"
                         if args.debug else "%(message)s", force=True)
     try:
-        body()
+        body(args)
     except ReleaseError as exc:
         if args.debug:
             raise

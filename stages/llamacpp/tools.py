@@ -13,12 +13,11 @@ repository and reuse that build from every clone:
 The build happens in a sibling temp folder that is renamed into place when it
 is complete, so an interrupted build never leaves a half cache behind.
 
-Run ``python -m stages.llamacpp --help``.
+``make tools`` runs ``python -m stages.tools`` (see its ``--help``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,12 +30,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import ReleaseError
+from stages.core.errors import ToolError
 
 log = logging.getLogger(__name__)
 
-# The one list of llama.cpp tools this project uses; later stages add here.
-TOOLS: tuple[str, ...] = ("llama-quantize", "llama-perplexity", "llama-completion")
+# The one list of llama.cpp tools this project uses.  Changing it rebuilds llama.cpp on
+# every machine (~12 min on 2 cores), so it already names the tools of planned stages:
+# llama-gguf-split (shards under the Hub's 50 GB file limit), llama-tokenize (tokenizer
+# parity checks) and llama-imatrix (importance matrices for low-bit levels).
+TOOLS: tuple[str, ...] = (
+    "llama-quantize", "llama-perplexity", "llama-completion",
+    "llama-gguf-split", "llama-tokenize", "llama-imatrix",
+)
 
 # Flags seen working with llama-cpp-python 0.3.36 on this kind of machine.
 # Static libraries so the binaries can be moved out of the build tree.
@@ -49,10 +54,6 @@ CMAKE_FLAGS: tuple[str, ...] = (
     "-DBUILD_SHARED_LIBS=OFF",
 )
 PROJECT = "llm-release"
-
-
-class LlamaCppError(RuntimeError):
-    """The llama.cpp tools could not be found or built."""
 
 
 def cache_root() -> Path:
@@ -69,10 +70,10 @@ def install_dir(version: str) -> Path:
 def tool_path(name: str, version: str) -> Path:
     """Path of one built tool; raises with the fix when it is missing."""
     if name not in TOOLS:
-        raise LlamaCppError(f"unknown llama.cpp tool {name!r}; known: {', '.join(TOOLS)}")
+        raise ToolError(f"unknown llama.cpp tool {name!r}; known: {', '.join(TOOLS)}")
     path = install_dir(version) / "bin" / name
     if not path.is_file():
-        raise LlamaCppError(
+        raise ToolError(
             f"llama.cpp tool {name} for version {version} is missing at {path}; "
             "run `make tools` (or `python -m stages.llamacpp`) to build it"
         )
@@ -83,7 +84,7 @@ def source_dir(version: str) -> Path:
     """The vendored llama.cpp tree (convert_hf_to_gguf.py, gguf-py)."""
     src = install_dir(version) / "src"
     if not (src / "convert_hf_to_gguf.py").is_file():
-        raise LlamaCppError(
+        raise ToolError(
             f"llama.cpp sources for version {version} are missing at {src}; run `make tools`"
         )
     return src
@@ -95,7 +96,7 @@ def describe(version: str) -> str:
     try:
         res = subprocess.run([str(tool_path("llama-completion", version)), "--version"],
                              capture_output=True, text=True, timeout=30)
-    except (LlamaCppError, OSError, subprocess.TimeoutExpired):
+    except (ToolError, OSError, subprocess.TimeoutExpired):
         return f"{text} (tools not built)"
     line = next((ln for ln in (res.stdout + res.stderr).splitlines()
                  if ln.startswith("version:")), "")
@@ -150,20 +151,15 @@ def run_tool(cmd: list[str], *, progress: re.Pattern[str] | None = None,
     return ToolRun(returncode=proc.returncode, output="".join(lines))
 
 
-def threads() -> int:
-    """CPU threads for a tool (and the merge's default): the cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run_captured(cmd: list[str], what: str) -> tuple[str, str]:
     """Run a llama.cpp program whose stdout is its result (generated text, statistics)
-    apart from its log on stderr; both, or a ReleaseError with the tail of the log."""
+    apart from its log on stderr; both, or a ToolError with the tail of the log."""
     log.debug("$ %s", " ".join(cmd))
     res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                          errors="replace")
     if res.returncode != 0:
         tail = ToolRun(returncode=res.returncode, output=res.stdout + res.stderr).tail(12)
-        raise ReleaseError(f"{what} failed (exit {res.returncode}):\n{tail}")
+        raise ToolError(f"{what} failed (exit {res.returncode}):\n{tail}")
     return res.stdout, res.stderr
 
 
@@ -171,7 +167,7 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
     log.info("$ %s", " ".join(cmd))
     result = subprocess.run(cmd, cwd=cwd)
     if result.returncode != 0:
-        raise LlamaCppError(f"command failed with exit code {result.returncode}: {' '.join(cmd)}")
+        raise ToolError(f"command failed with exit code {result.returncode}: {' '.join(cmd)}")
 
 
 def _download_sdist(version: str, dest: Path) -> Path:
@@ -179,7 +175,7 @@ def _download_sdist(version: str, dest: Path) -> Path:
           "--no-binary=:all:", f"llama-cpp-python=={version}", "-d", str(dest)])
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if not found:
-        raise LlamaCppError(f"pip downloaded no sdist of llama-cpp-python=={version} into {dest}")
+        raise ToolError(f"pip downloaded no sdist of llama-cpp-python=={version} into {dest}")
     return found[0]
 
 
@@ -189,7 +185,7 @@ def _extract_vendor(sdist: Path, dest: Path) -> Path:
     tops = [p for p in dest.iterdir() if p.is_dir()]
     vendored = [p / "vendor" / "llama.cpp" for p in tops if (p / "vendor" / "llama.cpp").is_dir()]
     if not vendored:
-        raise LlamaCppError(f"{sdist.name} has no vendor/llama.cpp folder")
+        raise ToolError(f"{sdist.name} has no vendor/llama.cpp folder")
     return vendored[0]
 
 
@@ -220,40 +216,3 @@ def build(version: str, *, jobs: int | None = None, tools: tuple[str, ...] = TOO
         os.replace(stage, final)
     log.info("built llama.cpp %s into %s", version, final)
     return final
-
-
-def _version_from_params(params: Path) -> str:
-    import yaml  # only needed when reading params
-
-    data = yaml.safe_load(params.read_text()) or {}
-    try:
-        return str(data["llama_cpp"]["version"])
-    except (KeyError, TypeError):
-        raise LlamaCppError(f"{params} has no llama_cpp.version key") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.llamacpp",
-        description="Build the pinned llama.cpp tools once into the user cache "
-        f"({cache_root()}/llama.cpp-<version>) and print that folder.",
-    )
-    parser.add_argument("--version", help="llama-cpp-python version (default: llama_cpp.version in --params)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        version = args.version or _version_from_params(args.params)
-        print(build(version, jobs=args.jobs))
-    except LlamaCppError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

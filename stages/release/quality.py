@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import ReleaseError
+from stages.core.errors import ReleaseError
 
 # PNG size and resolution: readable on a Hub model card page (~800 px wide).
 FIGSIZE = (6.4, 4.0)
@@ -60,7 +60,7 @@ def load_quality(eval_dir: Path, records: list[dict], trainer: str) -> Quality:
     reference = _read(eval_dir / "reference.json", f"reference@{trainer}")
     levels = [_read(eval_dir / f"{r['level']}.details.json", f"evaluate@{trainer}-{r['level']}")
               for r in records]
-    for lv, rec in zip(levels, records):
+    for lv, rec in zip(levels, records, strict=True):
         if lv["bytes"] != rec["bytes"]:
             raise ReleaseError(f"{eval_dir / lv['level']}.details.json measured a file of "
                                f"{lv['bytes']} bytes, the level's GGUF has {rec['bytes']}; "

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import ReleaseError
-from stages.schema import need, unknown
+from stages.core.errors import ReleaseError
+from stages.config.schema import need, unknown
 
 # llama-perplexity prints its KL statistics only over >= 100 scored tokens
 # (tools/perplexity/perplexity.cpp: `if (kld.count < 100) return;`), and it

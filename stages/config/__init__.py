@@ -1,0 +1,9 @@
+"""config: params.yaml, validated.
+
+``params`` holds the schema (pydantic v2 models, frozen, unknown keys refused)
+and :func:`~stages.config.params.load_params`, which every stage calls first so
+a bad key fails before any work, named by its dotted path.  ``evaluate`` holds
+the ``evaluate:`` section (fidelity checks and their thresholds).  A folder of
+its own, not part of ``core``, so that a stage which reads no params (the merge)
+does not rerun when a params message changes.
+"""

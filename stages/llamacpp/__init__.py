@@ -1,0 +1,8 @@
+"""llamacpp: the pinned llama.cpp, its tools and its file format.
+
+``tools`` (build once per version into the user cache, locate and run the
+tools with their output captured), ``convert`` (HF folder -> bf16/f16 GGUF with
+the vendored ``convert_hf_to_gguf.py``), ``quantize`` (one level with
+llama-quantize, and its record) and ``gguf_meta`` (what a GGUF says about its
+chat template, special tokens and bits per weight).
+"""

@@ -1,0 +1,150 @@
+"""HF model folder -> one full-precision GGUF, with the pinned llama.cpp's converter.
+
+The vendored ``convert_hf_to_gguf.py`` runs in a subprocess from its own tree,
+so it uses its own matching gguf-py.  GGUF metadata (general.name, license,
+tags, base model) comes from our params through its ``--metadata`` override
+file, never from folder names.  A trainer's ``chat_template`` / ``eos_token``
+overrides are applied before conversion: the script reads a folder of links to
+the merged model whose tokenizer files carry them (:func:`model_view`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stages.config.params import Trainer
+from stages.core import atomic
+from stages.core.errors import InputError, ReleaseError, ToolError
+from stages.core.preflight import check_disk
+from stages.llamacpp.tools import source_dir
+
+log = logging.getLogger(__name__)
+
+# A GGUF is about the size of the safetensors it comes from (same 16-bit
+# weights plus a small header); ask for 10% more free disk to be safe.
+DISK_MARGIN = 1.10
+HUB = "https://huggingface.co"
+# Where gguf-py's SpecialVocab reads the chat template and special tokens
+# (gguf-py/gguf/vocab.py, _try_load_from_tokenizer_json); tokenizer_config.json
+# wins over the other two.
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer_config.json", "chat_template.jinja",
+                                    "chat_template.json")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    bytes: int
+
+
+def gguf_metadata(trainer: Trainer) -> dict:
+    """The metadata override that convert_hf_to_gguf.py applies (gguf-py keys)."""
+    org, _, base_name = trainer.base_model.id.rpartition("/")
+    base = {"name": base_name, "repo_url": f"{HUB}/{trainer.base_model.id}"}
+    if org:
+        base["organization"] = org
+    return {
+        "general.name": trainer.name,
+        "general.basename": trainer.name,
+        "general.finetune": trainer.key,
+        "general.license": trainer.license,
+        "general.tags": list(trainer.tags),
+        "general.base_models": [base],
+        "general.quantized_by": "llm-release",
+    }
+
+
+def model_bytes(model: Path) -> int:
+    """Bytes of the weights in a model folder."""
+    files = list(model.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{model} holds no *.safetensors; is it a merged model folder?")
+    return sum(f.stat().st_size for f in files)
+
+
+def special_tokens(model: Path) -> set[str]:
+    """Texts of the added (special) tokens in ``model``'s tokenizer.json, if it has one."""
+    path = model / "tokenizer.json"
+    if not path.is_file():
+        return set()
+    return {t.get("content") for t in json.loads(path.read_text()).get("added_tokens", [])}
+
+
+def override_tokenizer(model: Path, view: Path, trainer: Trainer) -> None:
+    """Write the trainer's chat_template / eos_token overrides into ``view``'s tokenizer files."""
+    known = special_tokens(model)
+    if trainer.eos_token is not None and known and trainer.eos_token not in known:
+        raise ReleaseError(
+            f"`trainers.{trainer.key}.eos_token` is {trainer.eos_token!r}, which is not a special "
+            f"token of {model / 'tokenizer.json'}; pick one of {', '.join(sorted(known)[:8])}")
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if trainer.chat_template is not None:
+        config["chat_template"] = trainer.chat_template
+        (view / "chat_template.jinja").write_text(trainer.chat_template)
+    if trainer.eos_token is not None:
+        config["eos_token"] = trainer.eos_token
+    (view / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    log.info("applied params overrides of trainer %s: %s", trainer.key,
+             ", ".join(k for k in ("chat_template", "eos_token") if getattr(trainer, k)))
+
+
+def model_view(model: Path, view: Path, trainer: Trainer) -> Path:
+    """``view``: links to every file of ``model`` plus a README.md holding our license,
+    and the tokenizer files with the trainer's overrides when params set them.
+
+    gguf-py's ``--metadata`` override has no ``general.license`` key: it takes the
+    license only from the model card's front matter (gguf-py/gguf/metadata.py,
+    ``use_model_card_metadata("license", ...)``), so the view carries a card
+    whose front matter says what params say.
+    """
+    overridden = trainer.chat_template is not None or trainer.eos_token is not None
+    replaced = {"README.md"}
+    if overridden:
+        replaced.add("tokenizer_config.json")
+    if trainer.chat_template is not None:
+        replaced.update(TOKENIZER_FILES)
+    view.mkdir(parents=True, exist_ok=True)
+    for item in model.iterdir():
+        if item.name not in replaced:
+            (view / item.name).symlink_to(item.resolve())
+    card = yaml.safe_dump({"license": trainer.license, "tags": list(trainer.tags),
+                           "base_model": trainer.base_model.id}, sort_keys=False)
+    (view / "README.md").write_text(f"---\n{card}---\n")
+    if overridden:
+        override_tokenizer(model, view, trainer)
+    return view
+
+
+def convert_to_gguf(*, model: Path, out: Path, trainer: Trainer, outtype: str,
+                    llama_cpp_version: str) -> ConvertResult:
+    """Write ``out`` (a GGUF of ``outtype``) from the HF folder ``model``."""
+    if not (model / "config.json").is_file():
+        raise InputError(f"{model} has no config.json; is it a merged model folder?")
+    script = source_dir(llama_cpp_version) / "convert_hf_to_gguf.py"
+    check_disk(out, int(model_bytes(model) * DISK_MARGIN))
+    with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out) as tmp:
+        meta = Path(tmp_dir) / "metadata.json"
+        meta.write_text(json.dumps(gguf_metadata(trainer), indent=2))
+        source = model_view(model, Path(tmp_dir) / "model", trainer)
+        cmd = [sys.executable, str(script), str(source), "--outfile", str(tmp),
+               "--outtype", outtype, "--metadata", str(meta)]
+        log.info("converting %s to %s GGUF", model, outtype)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+            raise ToolError(
+                f"convert_hf_to_gguf.py failed (exit {result.returncode}) on {model}:\n{tail}"
+            )
+        log.debug(result.stderr)
+    size = out.stat().st_size
+    log.info("wrote %s (%.1f MiB)", out, size / 2**20)
+    return ConvertResult(out=out, bytes=size)
