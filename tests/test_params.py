@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.errors import ReleaseError
-from stages.params import load_params, parse_params
+from stages.config.params import load_params, parse_params
+from stages.core.errors import ParamsError, ReleaseError
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -33,53 +33,132 @@ def test_shipped_params_are_valid() -> None:
     assert list(params.levels) == ["Q4_K_M", "Q5_K_M", "Q8_0"]
     assert set(params.trainers) == {"sft", "kto"}
     assert params.trainer("sft").run_dir == Path("inputs/runs/sft/demo")
+    assert params.raw == GOOD
+
+
+def test_models_know_their_own_keys() -> None:
+    params = parse_params(GOOD)
+    assert [t.key for t in params.trainers.values()] == ["sft", "kto"]
+    assert [level.name for level in params.levels.values()] == ["Q4_K_M", "Q5_K_M", "Q8_0"]
+    assert params.demo_run("kto").name == "kto"
+    assert params.trainer("sft").release["gguf"].format == "gguf"
+    assert params.level("Q8_0").model_dump() == {"output_tensor_type": None, "pure": False,
+                                                 "token_embedding_type": None, "name": "Q8_0"}
+    assert params.demo_run("sft").learning_rate == pytest.approx(1e-3)
+
+
+TARGET = "trainers.sft.release.gguf.target"
 
 
 @pytest.mark.parametrize(("path", "value", "message"), [
-    ("llama_cpp", KeyError, "`params.llama_cpp` is missing"),
+    ("llama_cpp", KeyError, "`llama_cpp` is missing"),
+    ("llama_cpp.version", 0.3, "`llama_cpp.version` must be text; quote it (got 0.3)"),
     ("quantize.levels", {}, "`quantize.levels` is empty"),
-    ("quantize.levels.Q4_K_X", {}, "Q4_K_X' is not a llama-quantize level"),
-    ("quantize.levels.IQ2_XS", {}, "needs an importance matrix"),
-    ("quantize.levels.Q4_K_M", {"pure": True, "bogus": 1}, "unknown key `quantize.levels.Q4_K_M.bogus`"),
-    ("quantize.levels.Q4_K_M", {"output_tensor_type": "q9"}, "output_tensor_type` is 'q9'"),
-    ("convert.outtype", "q8_0", "`convert.outtype` is 'q8_0'"),
+    ("quantize.levels.Q4_K_X", {}, "`quantize.levels.Q4_K_X` is not a llama-quantize level"),
+    ("quantize.levels.IQ2_XS", {}, "`quantize.levels.IQ2_XS` needs an importance matrix"),
+    ("quantize.levels.Q4_K_M", {"pure": True, "bogus": 1},
+     "unknown key `quantize.levels.Q4_K_M.bogus`; allowed keys: output_tensor_type"),
+    ("quantize.levels.Q4_K_M", {"output_tensor_type": "q9"},
+     "`quantize.levels.Q4_K_M.output_tensor_type` must be 'f32', 'f16'"),
+    ("quantize.levels.Q4_K_M", {"pure": 1}, "`quantize.levels.Q4_K_M.pure` must be true or false"),
+    ("quantize.levels.Q4_K_M", {"name": "Q8_0"}, "unknown key `quantize.levels.Q4_K_M.name`"),
+    ("convert.outtype", "q8_0", "`convert.outtype` must be 'bf16' or 'f16' (got 'q8_0')"),
     ("trainers.sft.adapter", KeyError, "`trainers.sft.adapter` is missing"),
-    ("trainers.sft.adapter", 3, "`trainers.sft.adapter` must be str"),
+    ("trainers.sft.adapter", 3, "`trainers.sft.adapter` must be a path"),
+    ("trainers.sft.adapter", "", "`trainers.sft.adapter` must be a path, written as non-empty"),
     ("trainers.sft.base_model.path", KeyError, "`trainers.sft.base_model.path` is missing"),
-    ("trainers.sft.name", "has space", "`trainers.sft.name` is 'has space'"),
-    ("trainers.sft.tags", "pirate", "`trainers.sft.tags` must be a list"),
-    ("trainers.sft.releases", {}, "unknown key `trainers.sft.releases`"),
-    ("trainers.sft.release", {}, "`trainers.sft.release` lists no format"),
-    ("trainers.sft.release.onnx", {"target": {"kind": "local", "path": "x"}}, "names format 'onnx'"),
-    ("trainers.sft.release.gguf.target", {"kind": "s3"}, "`trainers.sft.release.gguf.target.kind` is 's3'"),
-    ("trainers.sft.release.gguf.target", {"kind": "hub"}, "a Hub target needs `owner/name`"),
-    ("trainers.sft.release.gguf.target", {"kind": "local"}, "`trainers.sft.release.gguf.target.path` is needed"),
-    ("trainers.sft.release.gguf.ollama_level", "Q2_K", "ollama_level` is 'Q2_K', which is not in quantize.levels"),
-    ("trainers.Bad-Key", GOOD["trainers"]["sft"], "trainer key 'Bad-Key'"),
-    ("demo.runs.sft.method", "ppo", "`demo.runs.sft.method` is 'ppo'"),
-    ("demo.runs.sft.steps", 0, "`demo.runs.sft.steps` must be positive"),
-    ("evaluate", KeyError, "`params.evaluate` is missing"),
-    ("evaluate.extra", 1, "unknown key `evaluate.extra`"),
-    ("evaluate.ctx", 255, "`evaluate.ctx` is 255; use an even number"),
+    ("trainers.sft.name", "has space", "it names the published files (got 'has space')"),
+    ("trainers.sft.tags", "pirate", "`trainers.sft.tags` must be a list (got 'pirate')"),
+    ("trainers.sft.releases", {}, "unknown key `trainers.sft.releases`; did you mean `release`?"),
+    ("trainers.sft.licence", "mit", "unknown key `trainers.sft.licence`; did you mean `license`?"),
+    ("trainers.sft.release", {}, "`trainers.sft.release` is empty; add e.g. `gguf:`"),
+    ("trainers.sft.release.onnx", {"target": {"kind": "local", "path": "x"}},
+     "`trainers.sft.release.onnx` is not a format this pipeline publishes; supported: gguf"),
+    (TARGET, {"kind": "s3"}, f"`{TARGET}.kind` must be 'local' or 'hub' (got 's3')"),
+    (TARGET, {"kind": "hub"}, f"`{TARGET}.repo_id` is missing; a hub target needs"),
+    (TARGET, {"kind": "hub", "repo_id": "name"}, f"`{TARGET}.repo_id` must be a Hub repo id"),
+    (TARGET, {"kind": "hub", "repo_id": "o/n", "tag": 1}, f"`{TARGET}.tag` must be text"),
+    (TARGET, {"kind": "local"}, f"`{TARGET}.path` is missing; a local target needs"),
+    (TARGET, {"kind": "local", "path": "x", "revision": "main"},
+     f"`{TARGET}.revision` does not apply to a local target"),
+    ("trainers.sft.release.gguf.ollama_level", "Q2_K",
+     "`trainers.sft.release.gguf.ollama_level` is not in quantize.levels"),
+    ("trainers.Bad-Key", GOOD["trainers"]["sft"],
+     "`trainers.Bad-Key` must be lower-case letters, digits and _; it names folders and DVC"),
+    ("demo.runs.sft.method", "ppo", "`demo.runs.sft.method` must be 'sft' or 'kto' (got 'ppo')"),
+    ("demo.runs.sft.steps", 0, "`demo.runs.sft.steps` must be greater than 0 (got 0)"),
+    ("demo.runs.sft.learning_rate", True, "`demo.runs.sft.learning_rate` must be a number"),
+    ("demo.runs.sft.learning_rate", "1e-3", "unquoted, with a dot: `1.0e-3` (got '1e-3')"),
+    ("evaluate", KeyError, "`evaluate` is missing"),
+    ("evaluate.extra", 1, "unknown key `evaluate.extra`; allowed keys: text, ctx"),
+    ("evaluate.ctx", 255, "`evaluate.ctx` must be a multiple of 2 (got 255)"),
+    ("evaluate.ctx", 8, "`evaluate.ctx` must be greater than or equal to 16"),
     ("evaluate.chunks", 0, "llama-perplexity needs 100 for its statistics"),
     ("evaluate.max_kld.Q6_K", 0.1, "`evaluate.max_kld.Q6_K` names a level that is not in quantize"),
     ("evaluate.max_kld", {"Q8_0": 0.01}, "no entry for level Q4_K_M and no `default`"),
-    ("evaluate.max_kld.default", -1, "`evaluate.max_kld.default` is -1.0; it must be a positive"),
-    ("evaluate.max_kld.default", "high", "`evaluate.max_kld.default` must be int or float"),
-    ("evaluate.smoke.max_tokens", True, "`evaluate.smoke.max_tokens` must be int, got bool"),
+    ("evaluate.max_kld.default", -1, "`evaluate.max_kld.default` must be greater than 0 (got -1)"),
+    ("evaluate.max_kld.default", "high", "`evaluate.max_kld.default` must be a number"),
+    ("evaluate.smoke.max_tokens", True,
+     "`evaluate.smoke.max_tokens` must be a whole number (got true)"),
     ("evaluate.smoke.prompt", " ", "`evaluate.smoke.prompt` is empty"),
-    ("evaluate.smoke.repeat_penalty", 0.5, "`evaluate.smoke.repeat_penalty` is 0.5; use 1.0"),
-    ("evaluate.conversion.chunks", 11, "`evaluate.conversion.chunks` is 11, more than the 10"),
-    ("evaluate.conversion.chunks", -1, "`evaluate.conversion.chunks` is -1; use 0 (skip)"),
-    ("evaluate.adapter.min_kld", 0, "`evaluate.adapter.min_kld` is 0.0; it must be a positive"),
+    ("evaluate.smoke.repeat_penalty", 0.5,
+     "`evaluate.smoke.repeat_penalty` must be greater than or equal to 1 (got 0.5)"),
+    ("evaluate.conversion.chunks", 11, "`evaluate.conversion.chunks` is more than the 10 chunks"),
+    ("evaluate.conversion.chunks", -1,
+     "`evaluate.conversion.chunks` must be greater than or equal to 0 (got -1)"),
+    ("evaluate.conversion.max_kld", True, "`evaluate.conversion.max_kld` must be a number"),
+    ("evaluate.adapter.min_kld", 0, "`evaluate.adapter.min_kld` must be greater than 0 (got 0)"),
     ("evaluate.adapter.prompts", KeyError, "`evaluate.adapter.prompts` is missing"),
-    ("trainers.sft.chat_template", "", "`trainers.sft.chat_template` is ''; give the chat template"),
-    ("trainers.sft.eos_token", 2, "`trainers.sft.eos_token` is 2; give the eos token text"),
+    ("trainers.sft.chat_template", "", "`trainers.sft.chat_template` must be non-empty text: "
+     "the chat template"),
+    ("trainers.sft.eos_token", 2, "`trainers.sft.eos_token` must be non-empty text: the eos token"),
 ])
 def test_bad_params_name_the_key(path: str, value: object, message: str) -> None:
-    with pytest.raises(ReleaseError) as err:
+    with pytest.raises(ParamsError) as err:
         parse_params(edited(path, value))
     assert message in str(err.value)
+    assert str(err.value).startswith("params: ")
+
+
+def test_several_problems_report_the_first_and_count_the_rest() -> None:
+    data = edited("evaluate.ctx", True)
+    data["trainers"]["sft"]["adapter"] = 3
+    with pytest.raises(ParamsError, match=r"^params: `evaluate.ctx` must be a whole number "
+                                          r"\(got true\) \[and 1 more problem\]$"):
+        parse_params(data)
+
+
+def test_a_renamed_key_is_one_problem_not_two() -> None:
+    data = copy.deepcopy(GOOD)
+    data["trainers"]["sft"]["licence"] = data["trainers"]["sft"].pop("license")
+    with pytest.raises(ParamsError) as err:
+        parse_params(data)
+    assert str(err.value) == ("params: unknown key `trainers.sft.licence`; "
+                              "did you mean `license`?")
+
+
+def test_hub_target_takes_revision_and_tag() -> None:
+    hub = {"kind": "hub", "repo_id": "owner/name", "revision": "main", "tag": "v1"}
+    target = parse_params(edited(TARGET, hub)).trainer("sft").release["gguf"].target
+    assert (target.kind, target.repo_id, target.private) == ("hub", "owner/name", True)
+    assert (target.path, target.revision, target.tag) == (None, "main", "v1")
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("llama_cpp:\n  version: \"0.3.36\"\nquantize:\n  levels: [Q4_K_M\nconvert: {}\n")
+    with pytest.raises(ParamsError, match=rf"^params: {bad}, line 5: not valid YAML: "):
+        load_params(bad)
+
+
+def test_missing_file_says_to_run_from_the_repo_root(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found; run from the repository root"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_the_file_must_hold_a_mapping() -> None:
+    with pytest.raises(ParamsError, match=r"^params: the file must be a mapping \(got \[1\]\)$"):
+        parse_params([1])
 
 
 def test_unknown_trainer_and_level_list_the_known_ones() -> None:
@@ -108,6 +187,7 @@ def test_level_options_become_llama_quantize_flags() -> None:
                                  {"output_tensor_type": "q8_0", "pure": True}))
     assert params.level("Q4_K_M").quantize_args() == ["--output-tensor-type", "q8_0", "--pure"]
     assert params.level("Q8_0").quantize_args() == []
+    assert parse_params(edited("quantize.levels.Q8_0", None)).level("Q8_0").quantize_args() == []
 
 
 def test_cli_exits_nonzero_with_one_error_line(tmp_path: Path) -> None:

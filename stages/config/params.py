@@ -1,23 +1,44 @@
 """params.yaml: schema, validation and loading.
 
 Every stage loads params through :func:`load_params`, so a bad key fails
-before any work, with a message naming the key.  The schema is frozen
-dataclasses that validate themselves in ``__post_init__``.
+before any work, with one message naming the dotted key.  The schema is
+pydantic models (frozen, unknown keys refused) whose sections mirror the file;
+``Params`` also offers the flat names the stages use (``params.levels``).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from stages.core.errors import ReleaseError
-from stages.config.evaluate import EvalSettings, parse_overrides
-from stages.config.schema import need as _need
-from stages.config.schema import unknown as _unknown
+from stages.config.base import (
+    NOTHING,
+    Count,
+    Flag,
+    Index,
+    Keyed,
+    ParamsModel,
+    PathText,
+    Positive,
+    Text,
+    named,
+    own_key,
+    params_error,
+    pattern,
+    problem,
+)
+from stages.config.evaluate import EvalSettings
+from stages.core.errors import ParamsError, ReleaseError
 
 # Levels llama-quantize accepts, from tools/quantize/quantize.cpp
 # (QUANT_OPTIONS, llama-cpp-python 0.3.36).
@@ -31,176 +52,134 @@ IMATRIX_LEVELS: frozenset[str] = frozenset(
     "IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ2_M Q2_K_S".split()
 )
 # Tensor types llama-quantize takes for --output-tensor-type / --token-embedding-type.
-TENSOR_TYPES: frozenset[str] = frozenset(
-    "f32 f16 bf16 q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 q4_1 q3_k q2_k".split()
-)
-CONVERT_OUTTYPES: tuple[str, ...] = ("bf16", "f16")
+TensorType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k",
+                     "q4_0", "q4_1", "q3_k", "q2_k"]
+TENSOR_TYPES: frozenset[str] = frozenset(get_args(TensorType))
+ConvertOuttype = Literal["bf16", "f16"]
+CONVERT_OUTTYPES: tuple[str, ...] = get_args(ConvertOuttype)
 FORMATS: tuple[str, ...] = ("gguf",)
-TARGET_KINDS: tuple[str, ...] = ("local", "hub")
+TargetKind = Literal["local", "hub"]
+TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 # Trainer keys become folder and DVC stage names (quantize@<trainer>-<LEVEL>).
-TRAINER_KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TRAINER_KEY = r"[a-z0-9][a-z0-9_]*"
+REPO_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
+PUBLISHED_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where one format is published: a local folder, or a Hub repo."""
-
-    kind: str
-    path: Path | None = None
-    repo_id: str | None = None
-    private: bool = True
-    where: str = "target"
-
-    def __post_init__(self) -> None:
-        if self.kind not in TARGET_KINDS:
-            raise ReleaseError(
-                f"params: `{self.where}.kind` is {self.kind!r}; use one of {', '.join(TARGET_KINDS)}"
-            )
-        if self.kind == "local" and not self.path:
-            raise ReleaseError(f"params: `{self.where}.path` is needed for a local target")
-        if self.kind == "hub" and not (self.repo_id and REPO_ID.match(self.repo_id)):
-            raise ReleaseError(
-                f"params: `{self.where}.repo_id` is {self.repo_id!r}; a Hub target needs "
-                "`owner/name`"
-            )
-
-    @classmethod
-    def parse(cls, data: Any, where: str) -> Target:
-        kind = _need(data, "kind", where, str)
-        _unknown(data, {"kind", "path", "repo_id", "private"}, where)
-        path = data.get("path")
-        return cls(
-            kind=kind,
-            path=Path(path) if path else None,
-            repo_id=data.get("repo_id"),
-            private=bool(data.get("private", True)),
-            where=where,
-        )
+def _quant_level(name: str) -> str:
+    if name not in QUANT_LEVELS:
+        raise problem(f"is not a llama-quantize level; known: {', '.join(sorted(QUANT_LEVELS))}")
+    if name in IMATRIX_LEVELS:
+        raise problem("needs an importance matrix, which this pipeline does not compute yet; "
+                      "pick a K-quant such as Q3_K_M or Q4_K_M")
+    return name
 
 
-@dataclass(frozen=True)
-class FormatRelease:
+def _format(name: str) -> str:
+    if name not in FORMATS:
+        raise problem(f"is not a format this pipeline publishes; supported: {', '.join(FORMATS)}")
+    return name
+
+
+def _some(hint: str) -> AfterValidator:
+    """A mapping with at least one entry, each told its key."""
+    def check(mapping: dict) -> dict:
+        if not mapping:
+            raise problem(f"is empty; {hint}")
+        return named(mapping)
+    return AfterValidator(check)
+
+
+TrainerKey = Annotated[Text, pattern(
+    TRAINER_KEY, "must be lower-case letters, digits and _; it names folders and DVC stages")]
+LevelName = Annotated[Text, AfterValidator(_quant_level)]
+FormatName = Annotated[Text, AfterValidator(_format)]
+
+
+class Target(ParamsModel):
+    """Where one format is published: ``{kind: local, path}`` or ``{kind: hub, repo_id}``."""
+
+    kind: TargetKind
+    path: PathText | None = None  # local
+    repo_id: Annotated[Text, pattern(REPO_ID, "must be a Hub repo id, `owner/name`")] | None = None
+    private: Flag = True  # hub, and so are the rest
+    revision: Text | None = None
+    tag: Text | None = None
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> Target:
+        needed, why = (("path", "the folder to publish to") if self.kind == "local"
+                       else ("repo_id", "a Hub repo id, `owner/name`"))
+        if getattr(self, needed) is None:
+            raise problem(f"is missing; a {self.kind} target needs {why}", at=needed, got=NOTHING)
+        hub_only = {"repo_id", "private", "revision", "tag"}
+        foreign = sorted(self.model_fields_set & (hub_only if self.kind == "local" else {"path"}))
+        if foreign:
+            raise problem(f"does not apply to a {self.kind} target", at=foreign[0],
+                          got=getattr(self, foreign[0]))
+        return self
+
+
+class FormatRelease(Keyed):
     """One published format of a trainer (only ``gguf`` for now)."""
 
-    format: str
     target: Target
-    ollama_level: str | None = None
+    ollama_level: Text | None = None  # the level `ollama run` gets; checked against the levels
 
-    @classmethod
-    def parse(cls, fmt: str, data: Any, where: str) -> FormatRelease:
-        if fmt not in FORMATS:
-            raise ReleaseError(
-                f"params: `{where}` names format {fmt!r}; supported: {', '.join(FORMATS)}"
-            )
-        _unknown(data, {"target", "ollama_level"}, where)
-        target = Target.parse(_need(data, "target", where, dict), f"{where}.target")
-        return cls(format=fmt, target=target, ollama_level=data.get("ollama_level"))
+    format = own_key("The key under ``release:`` (``gguf``).")
 
 
-@dataclass(frozen=True)
-class BaseModel:
+class BaseModelRef(ParamsModel):
     """The base a trainer's adapter was trained on."""
 
-    id: str
-    path: Path
+    id: Text
+    path: PathText
 
 
-@dataclass(frozen=True)
-class Trainer:
+class Trainer(Keyed):
     """One trainer entry: its run, its base, and what to publish."""
 
-    key: str
-    adapter: Path
-    base_model: BaseModel
-    name: str
-    license: str
-    tags: tuple[str, ...]
-    release: dict[str, FormatRelease]
-    output_root: Path | None = None
+    adapter: PathText
+    base_model: BaseModelRef
+    name: Annotated[Text, pattern(PUBLISHED_NAME, "must be letters, digits, '.', '_' and '-'; "
+                                  "it names the published files")]
+    license: Text
+    tags: tuple[Text, ...] = ()
+    release: Annotated[dict[FormatName, FormatRelease], _some("add e.g. `gguf:`")]
+    output_root: PathText | None = None  # where the trainer writes <timestamp>/final_model
     # Overrides applied before conversion, for trainers that save a broken one.
     chat_template: str | None = None
     eos_token: str | None = None
 
-    def __post_init__(self) -> None:
-        if not TRAINER_KEY.match(self.key):
-            raise ReleaseError(
-                f"params: trainer key {self.key!r} must be lower-case letters, digits and _ "
-                "(it names folders and DVC stages)"
-            )
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name):
-            raise ReleaseError(
-                f"params: `trainers.{self.key}.name` is {self.name!r}; use letters, digits, "
-                "'.', '_' and '-' (it names the published files)"
-            )
+    @field_validator("chat_template", "eos_token", mode="before")
+    @classmethod
+    def _override_text(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or (isinstance(value, str) and value.strip()):
+            return value
+        what = str(info.field_name).replace("_", " ")
+        raise problem(f"must be non-empty text: the {what}; or remove the key to keep the "
+                      "trainer's own")
+
+    key = own_key("The key under ``trainers:`` (it names folders and DVC stages).")
 
     @property
     def run_dir(self) -> Path:
         """The run folder (holds final_model/ and training_lineage.json)."""
         return self.adapter.parent
 
-    @classmethod
-    def parse(cls, key: str, data: Any) -> Trainer:
-        where = f"trainers.{key}"
-        _need({where: data}, where, "params", dict)
-        _unknown(data, {"adapter", "output_root", "base_model", "name", "license", "tags",
-                        "release", "chat_template", "eos_token"}, where)
-        base = _need(data, "base_model", where, dict)
-        _unknown(base, {"id", "path"}, f"{where}.base_model")
-        release = _need(data, "release", where, dict)
-        if not release:
-            raise ReleaseError(f"params: `{where}.release` lists no format; add e.g. `gguf:`")
-        tags = data.get("tags", [])
-        chat_template, eos_token = parse_overrides(data, where)
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ReleaseError(f"params: `{where}.tags` must be a list of strings, got {tags!r}")
-        return cls(
-            key=key,
-            adapter=Path(_need(data, "adapter", where, str)),
-            base_model=BaseModel(
-                id=_need(base, "id", f"{where}.base_model", str),
-                path=Path(_need(base, "path", f"{where}.base_model", str)),
-            ),
-            name=_need(data, "name", where, str),
-            license=_need(data, "license", where, str),
-            tags=tuple(tags),
-            release={
-                fmt: FormatRelease.parse(fmt, cfg, f"{where}.release.{fmt}")
-                for fmt, cfg in release.items()
-            },
-            output_root=Path(data["output_root"]) if data.get("output_root") else None,
-            chat_template=chat_template,
-            eos_token=eos_token,
-        )
 
-
-@dataclass(frozen=True)
-class QuantLevel:
+class QuantLevel(Keyed):
     """One llama-quantize level and its options."""
 
-    name: str
-    output_tensor_type: str | None = None
-    token_embedding_type: str | None = None
-    pure: bool = False
+    output_tensor_type: TensorType | None = None
+    token_embedding_type: TensorType | None = None
+    pure: Flag = False
+    name = own_key("The level, as llama-quantize spells it (``Q4_K_M``).")
 
-    def __post_init__(self) -> None:
-        where = f"quantize.levels.{self.name}"
-        if self.name not in QUANT_LEVELS:
-            raise ReleaseError(
-                f"params: `{where}`: {self.name!r} is not a llama-quantize level; "
-                f"known: {', '.join(sorted(QUANT_LEVELS))}"
-            )
-        if self.name in IMATRIX_LEVELS:
-            raise ReleaseError(
-                f"params: `{where}`: {self.name} needs an importance matrix, which this "
-                "pipeline does not compute yet; pick a K-quant such as Q3_K_M or Q4_K_M"
-            )
-        for key in ("output_tensor_type", "token_embedding_type"):
-            value = getattr(self, key)
-            if value is not None and value not in TENSOR_TYPES:
-                raise ReleaseError(
-                    f"params: `{where}.{key}` is {value!r}; use one of {', '.join(sorted(TENSOR_TYPES))}"
-                )
+    @model_validator(mode="before")
+    @classmethod
+    def _no_options(cls, data: Any) -> Any:
+        return {} if data is None else data  # `Q8_0:` means `Q8_0: {}`
 
     def quantize_args(self) -> list[str]:
         """Extra llama-quantize flags for this level's options."""
@@ -213,133 +192,126 @@ class QuantLevel:
             args.append("--pure")
         return args
 
-    @classmethod
-    def parse(cls, name: str, data: Any) -> QuantLevel:
-        where = f"quantize.levels.{name}"
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ReleaseError(f"params: `{where}` must be a mapping of options (or {{}})")
-        _unknown(data, {"output_tensor_type", "token_embedding_type", "pure"}, where)
-        return cls(name=name, **data)
 
-
-@dataclass(frozen=True)
-class DemoRun:
+class DemoRun(Keyed):
     """One embedded demo training run (``demo.runs.<name>``)."""
 
-    name: str
-    method: str
-    dataset: Path
-    output_root: Path
-    run_name: str
-    steps: int
-    batch_size: int
-    learning_rate: float
-    lora_r: int
-    lora_alpha: int
-    max_length: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        where = f"demo.runs.{self.name}"
-        if self.method not in ("sft", "kto"):
-            raise ReleaseError(f"params: `{where}.method` is {self.method!r}; use sft or kto")
-        for key in ("steps", "batch_size", "lora_r", "lora_alpha", "max_length"):
-            if getattr(self, key) <= 0:
-                raise ReleaseError(f"params: `{where}.{key}` must be positive")
-
-    @classmethod
-    def parse(cls, name: str, data: Any) -> DemoRun:
-        where = f"demo.runs.{name}"
-        fields = {"method": str, "dataset": str, "output_root": str, "run_name": str,
-                  "steps": int, "batch_size": int, "learning_rate": float, "lora_r": int,
-                  "lora_alpha": int, "max_length": int, "seed": int}
-        _unknown(data if isinstance(data, dict) else {}, set(fields), where)
-        values = {k: _need(data, k, where, (float, int) if t is float else t)
-                  for k, t in fields.items()}
-        values["dataset"] = Path(values["dataset"])
-        values["output_root"] = Path(values["output_root"])
-        values["learning_rate"] = float(values["learning_rate"])
-        return cls(name=name, **values)
+    method: Literal["sft", "kto"]
+    dataset: PathText
+    output_root: PathText
+    run_name: Text
+    steps: Count
+    batch_size: Count
+    learning_rate: Positive
+    lora_r: Count
+    lora_alpha: Count
+    max_length: Count
+    seed: Index
+    name = own_key("The key under ``demo.runs:``.")
 
 
-@dataclass(frozen=True)
-class Params:
+class LlamaCpp(ParamsModel):
+    """``llama_cpp:``: the llama-cpp-python sdist whose llama.cpp we build and run."""
+
+    version: Text
+
+
+class Convert(ParamsModel):
+    """``convert:``: the full-precision GGUF every level is quantized from."""
+
+    outtype: ConvertOuttype = "bf16"
+
+
+class Quantize(ParamsModel):
+    """``quantize:``: one key per level, in the order of the file."""
+
+    levels: Annotated[dict[LevelName, QuantLevel], _some("list at least one level")]
+
+
+class Demo(ParamsModel):
+    """``demo:``: the embedded default inputs (base model and training runs)."""
+
+    base_id: Text = ""
+    base_package: Text | None = None  # read by dvc.yaml only
+    base_path: PathText | None = None  # read by dvc.yaml only
+    runs: Annotated[dict[Text, DemoRun], AfterValidator(named)] = {}
+
+
+class Params(ParamsModel):
     """All of params.yaml, validated."""
 
-    llama_cpp_version: str
-    convert_outtype: str
-    levels: dict[str, QuantLevel]
-    trainers: dict[str, Trainer]
+    llama_cpp: LlamaCpp
+    convert: Convert = Convert()
+    quantize: Quantize
     evaluate: EvalSettings
-    demo_base_id: str = ""
-    demo_runs: dict[str, DemoRun] = field(default_factory=dict)
-    raw: dict = field(repr=False, compare=False, default_factory=dict)
+    trainers: Annotated[dict[TrainerKey, Trainer], AfterValidator(named)]
+    demo: Demo = Demo()
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.convert_outtype not in CONVERT_OUTTYPES:
-            raise ReleaseError(
-                f"params: `convert.outtype` is {self.convert_outtype!r}; "
-                f"use one of {', '.join(CONVERT_OUTTYPES)}"
-            )
-        if not self.levels:
-            raise ReleaseError("params: `quantize.levels` is empty; list at least one level")
+    @model_validator(mode="after")
+    def _levels_known(self) -> Params:
         self.evaluate.check_levels(list(self.levels))
         for trainer in self.trainers.values():
-            gguf = trainer.release.get("gguf")
-            if gguf and gguf.ollama_level and gguf.ollama_level not in self.levels:
-                raise ReleaseError(
-                    f"params: `trainers.{trainer.key}.release.gguf.ollama_level` is "
-                    f"{gguf.ollama_level!r}, which is not in quantize.levels "
-                    f"({', '.join(self.levels)})"
-                )
+            for fmt, release in trainer.release.items():
+                if release.ollama_level and release.ollama_level not in self.levels:
+                    raise problem(f"is not in quantize.levels ({', '.join(self.levels)})",
+                                  at=f"trainers.{trainer.key}.release.{fmt}.ollama_level",
+                                  got=release.ollama_level)
+        return self
+
+    # The flat names the stages use.
+    @property
+    def llama_cpp_version(self) -> str:
+        return self.llama_cpp.version
+
+    @property
+    def convert_outtype(self) -> str:
+        return self.convert.outtype
+
+    @property
+    def levels(self) -> dict[str, QuantLevel]:
+        return self.quantize.levels
+
+    @property
+    def demo_base_id(self) -> str:
+        return self.demo.base_id
+
+    @property
+    def demo_runs(self) -> dict[str, DemoRun]:
+        return self.demo.runs
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The mapping as loaded, published in the model card."""
+        return self._raw
 
     def trainer(self, key: str) -> Trainer:
         """The trainer entry ``key``, or an error listing the known ones."""
-        if key not in self.trainers:
-            raise ReleaseError(
-                f"no trainer {key!r} in params.yaml; known: {', '.join(self.trainers) or 'none'}"
-            )
-        return self.trainers[key]
+        return _lookup(self.trainers, key, "trainer", "params.yaml")
 
     def demo_run(self, name: str) -> DemoRun:
-        """The demo training run ``name``."""
-        if name not in self.demo_runs:
-            raise ReleaseError(
-                f"no demo run {name!r} in demo.runs; known: {', '.join(self.demo_runs) or 'none'}"
-            )
-        return self.demo_runs[name]
+        """The demo training run ``name``, or an error listing the known ones."""
+        return _lookup(self.demo_runs, name, "demo run", "demo.runs")
 
     def level(self, name: str) -> QuantLevel:
         """The quantization level ``name``, or an error listing the known ones."""
-        if name not in self.levels:
-            raise ReleaseError(
-                f"no level {name!r} in quantize.levels; known: {', '.join(self.levels)}"
-            )
-        return self.levels[name]
+        return _lookup(self.levels, name, "level", "quantize.levels")
+
+
+def _lookup(mapping: dict[str, Any], key: str, noun: str, where: str) -> Any:
+    if key not in mapping:
+        raise ReleaseError(f"no {noun} {key!r} in {where}; known: {', '.join(mapping) or 'none'}")
+    return mapping[key]
 
 
 def parse_params(data: Any) -> Params:
     """Validate a params mapping (as loaded from YAML)."""
-    if not isinstance(data, dict):
-        raise ReleaseError("params: the file must hold a mapping at the top level")
-    llama = _need(data, "llama_cpp", "params", dict)
-    convert = data.get("convert", {}) or {}
-    quant = _need(data, "quantize", "params", dict)
-    levels = _need(quant, "levels", "quantize", dict)
-    trainers = _need(data, "trainers", "params", dict)
-    demo = data.get("demo") or {}
-    runs = demo.get("runs") or {}
-    return Params(
-        demo_base_id=str(demo.get("base_id", "")),
-        demo_runs={str(name): DemoRun.parse(str(name), cfg) for name, cfg in runs.items()},
-        llama_cpp_version=str(_need(llama, "version", "llama_cpp", (str, int, float))),
-        convert_outtype=str(convert.get("outtype", "bf16")),
-        levels={str(name): QuantLevel.parse(str(name), cfg) for name, cfg in levels.items()},
-        trainers={str(key): Trainer.parse(str(key), cfg) for key, cfg in trainers.items()},
-        evaluate=EvalSettings.parse(_need(data, "evaluate", "params", dict)),
-        raw=data,
-    )
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise params_error(exc, Params) from None
+    params._raw = data
+    return params
 
 
 def load_params(path: Path) -> Params:
@@ -347,9 +319,15 @@ def load_params(path: Path) -> Params:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ReleaseError(f"params file {path} not found; run from the repository root") from None
+        raise ParamsError(f"params: {path} not found; run from the repository root "
+                          "(or pass --params)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ReleaseError(f"{path} is not valid YAML: {exc}") from None
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        line = f", line {mark.line + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        if context and getattr(exc, "context", None):  # e.g. a bracket opened lines earlier
+            what += f" ({exc.context} from line {context.line + 1})"
+        raise ParamsError(f"params: {path}{line}: not valid YAML: {what}") from None
     return parse_params(data)

@@ -17,7 +17,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -101,7 +101,7 @@ def run(*, spec: DemoRun, base: Path, base_id: str) -> TrainResult:
             "base_model": base_id,
             "dataset": {"name": spec.dataset.name, "path": str(spec.dataset),
                         "sha256": sha256_file(spec.dataset), "examples": len(dataset)},
-            "hyperparameters": {k: v for k, v in asdict(spec).items()
+            "hyperparameters": {k: v for k, v in spec.model_dump().items()
                                 if k not in ("name", "dataset", "output_root", "run_name")}
             | {"target_modules": "all-linear"},
             "steps": trainer.state.global_step,

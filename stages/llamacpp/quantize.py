@@ -90,7 +90,7 @@ def quantize_gguf(*, source: Path, out: Path, level: QuantLevel,
     res = QuantizeResult(level=level.name, out=out, bytes=out.stat().st_size,
                          sha256=sha256_file(out), fallbacks=fallbacks)
     record = {"level": res.level, "file": out.name, "bytes": res.bytes, "sha256": res.sha256,
-              "options": asdict(level), "fallbacks": [asdict(f) for f in fallbacks],
+              "options": level.model_dump(), "fallbacks": [asdict(f) for f in fallbacks],
               "llama_cpp": llama_cpp_version}
     atomic.write_text(record_path(out), json.dumps(record, indent=2) + "\n")
     log.info("wrote %s (%.1f MiB)", out, res.bytes / 2**20)
