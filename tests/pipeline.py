@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -59,6 +60,16 @@ def repro(repo: Path, *targets: str) -> set[str]:
     res = run([str(repo / ".venv/bin/dvc"), "repro", *targets], cwd=repo)
     text = res.stdout + res.stderr
     return set(RAN.findall(text)) | set(CACHED.findall(text))
+
+
+def status(repo: Path) -> dict[str, list]:
+    """``dvc status --json`` in ``repo``: each stage that would rerun -> what changed.
+
+    E.g. ``{"reference@sft": [{"changed deps": {"stages/fidelity": "modified"}}]}``;
+    ``{}`` when everything is up to date.
+    """
+    res = run([str(repo / ".venv/bin/dvc"), "status", "--json"], cwd=repo)
+    return json.loads(res.stdout.strip() or "{}")
 
 
 def set_param(repo: Path, dotted: str, value: object) -> None:

@@ -1,7 +1,9 @@
 """Fidelity checks, end to end: real model, real llama.cpp, real DVC.
 
 The figures come from the built demo repo (conftest ``built_repo``); tests that
-break something work in copies that share its DVC cache.
+break something work in copies that share its DVC cache.  The parsers of
+llama.cpp's output and the thresholds are tested on fixed text: they need none
+of it and run in the fast tier (conftest marks ``slow`` by fixture).
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def test_dvc_plot_of_size_vs_kld(built_repo: Path) -> None:
 
 def test_level_over_its_threshold_fails_with_its_figures(built_repo: Path,
                                                          tmp_path: Path) -> None:
-    from stages.llamacpp import tools as llamacpp
     from stages.fidelity.llama_checks import save_base_logits
+    from stages.llamacpp import tools as llamacpp
 
     params = yaml.safe_load((built_repo / "params.yaml").read_text())
     params["evaluate"]["max_kld"] = {"default": 1.0e-6}
@@ -282,29 +284,27 @@ def test_check_level_thresholds(kld: float, run_: SmokeRun, message: str | None)
 
 
 def test_overrides_are_applied_before_conversion(built_repo: Path, tmp_path: Path) -> None:
-    from dataclasses import replace
-
     from gguf import SpecialVocab
 
-    from stages.llamacpp.convert import model_view
     from stages.config.params import load_params
+    from stages.llamacpp.convert import model_view
 
     trainer = load_params(built_repo / "params.yaml").trainer("sft")
     merged = built_repo / "build/sft/work/merged"
     own = SpecialVocab(model_view(merged, tmp_path / "own", trainer), load_merges=False)
     assert own.chat_template == (merged / "chat_template.jinja").read_text()
     assert own.special_token_ids["eos"] == 2
-    fixed = replace(trainer, chat_template=NO_TURN_END, eos_token="<|endoftext|>")
+    fixed = trainer.model_copy(update={"chat_template": NO_TURN_END, "eos_token": "<|endoftext|>"})
     vocab = SpecialVocab(model_view(merged, tmp_path / "view", fixed), load_merges=False)
     assert vocab.chat_template == NO_TURN_END  # what convert_hf_to_gguf.py writes
     assert vocab.special_token_ids["eos"] == 0
     with pytest.raises(ReleaseError, match="`trainers.sft.eos_token` is '</s>', which is not a"):
-        model_view(merged, tmp_path / "bad", replace(trainer, eos_token="</s>"))
+        model_view(merged, tmp_path / "bad", trainer.model_copy(update={"eos_token": "</s>"}))
 
 
 def test_card_records_the_overrides(built_repo: Path, tmp_path: Path) -> None:
-    from stages.release.card import render_release as render_card
     from stages.config.params import parse_params
+    from stages.release.card import render_release as render_card
 
     data = yaml.safe_load((built_repo / "params.yaml").read_text())
     data["trainers"]["sft"]["eos_token"] = "<|im_end|>"

@@ -21,11 +21,21 @@ from peft import IA3Config, LoHaConfig, LoraConfig
 
 from stages import merge as merge_stage
 from stages.core import preflight
-from stages.weights import merge
 from stages.core.errors import ReleaseError
-from tests.merge_fixtures import (EMBED, LM_HEAD, NEW_TEMPLATE, build_peft_adapter, build_pico,
-                                  load_model_tensors, peft_merged, raw_bytes, reference_merge,
-                                  rounding_error, write_adapter)
+from stages.weights import merge
+from tests.merge_fixtures import (
+    EMBED,
+    LM_HEAD,
+    NEW_TEMPLATE,
+    build_peft_adapter,
+    build_pico,
+    load_model_tensors,
+    peft_merged,
+    raw_bytes,
+    reference_merge,
+    rounding_error,
+    write_adapter,
+)
 
 RESIZED = 49160  # SmolLM2's 49152 + 8 added tokens
 SMOL_CASES = {
@@ -56,7 +66,8 @@ def smol_merges(smollm2_base: Path, tmp_path_factory: pytest.TempPathFactory) ->
     for seed, (name, (config, resize)) in enumerate(SMOL_CASES.items()):
         adapter = build_peft_adapter(smollm2_base, root / name, LoraConfig(**config), seed=seed,
                                      resize=resize, tokenizer=resize is not None)
-        result = merge.merge_adapter(base=smollm2_base, adapter=adapter, out=root / f"{name}-merged")
+        result = merge.merge_adapter(base=smollm2_base, adapter=adapter,
+                                     out=root / f"{name}-merged")
         cases[name] = (adapter, result, resize)
     return cases
 
@@ -80,7 +91,8 @@ def test_smol_merge_is_exact_and_no_worse_than_peft(case: str, smol_merges: dict
         assert excess == 0, f"{name} is {excess:.3g} half-steps off the rounded exact merge"
         peft_err = (theirs[name].double() - exact).abs_().mean().item()
         # 1e-6: fp32 sums round ties either way, which moves the mean by ~1e-9.
-        assert ours_err <= peft_err * (1 + 1e-6), f"{name}: ours {ours_err:.3e} > peft {peft_err:.3e}"
+        assert ours_err <= peft_err * (1 + 1e-6), \
+            f"{name}: ours {ours_err:.3e} > peft {peft_err:.3e}"
 
 
 def test_smol_config_tokenizer_and_template(smol_merges: dict, smollm2_base: Path) -> None:
@@ -244,9 +256,11 @@ def test_pico_key_prefixes_give_identical_output(picos: dict, tmp_path: Path) ->
     config = {"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "v_proj"]}
     outputs = []
     for layout in ("peft", "default", "bare", "no_model_prefix"):
-        adapter = write_adapter(tmp_path / layout, config, _hand_lora(picos["untied"], layout=layout))
+        adapter = write_adapter(tmp_path / layout, config,
+                                _hand_lora(picos["untied"], layout=layout))
         merge.merge_adapter(base=picos["untied"], adapter=adapter, out=tmp_path / f"{layout}-out")
-        outputs.append({k: raw_bytes(v) for k, v in load_model_tensors(tmp_path / f"{layout}-out").items()})
+        merged = load_model_tensors(tmp_path / f"{layout}-out")
+        outputs.append({k: raw_bytes(v) for k, v in merged.items()})
     assert all(o == outputs[0] for o in outputs[1:])
     merge_and_check(picos["untied"], tmp_path / "peft", tmp_path / "check")
 
@@ -364,7 +378,8 @@ def test_base_resolution_from_adapter(picos: dict, tmp_path: Path) -> None:
     adapter = write_adapter(tmp_path / "a", {"r": 3, "lora_alpha": 6,
                                              "base_model_name_or_path": str(picos["untied"])},
                             _hand_lora(picos["untied"], layout="peft"))
-    assert merge.merge_adapter(base=None, adapter=adapter, out=tmp_path / "out").base == picos["untied"]
+    result = merge.merge_adapter(base=None, adapter=adapter, out=tmp_path / "out")
+    assert result.base == picos["untied"]
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "unsloth/pico-llama-never-cached-unsloth-bnb-4bit"
     (adapter / "adapter_config.json").write_text(json.dumps(config))

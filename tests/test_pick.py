@@ -1,4 +1,9 @@
-"""make pick: the newest complete run of a trainer goes into params.yaml."""
+"""make pick: the newest complete run of a trainer goes into params.yaml.
+
+The run folders are built here, shaped as stages/pick.py reads them: a complete
+run is ``final_model/adapter_config.json`` + ``final_model/adapter_model.safetensors``
+(a tiny real LoRA) + ``training_lineage.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,27 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stages import pick
-from stages.errors import ReleaseError
+from stages.core.errors import ReleaseError
+from tests.merge_fixtures import write_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_output_root(root: Path, adapter: Path, runs: dict[str, str | None]) -> None:
+def write_tiny_adapter(final: Path) -> None:
+    """A real (if tiny) peft LoRA for one q_proj: adapter_config.json and safetensors weights."""
+    gen = torch.Generator().manual_seed(0)
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    write_adapter(final, {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                          "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                  {f"{module}.lora_A.weight": torch.randn(2, 8, generator=gen),
+                   f"{module}.lora_B.weight": torch.randn(8, 2, generator=gen)})
+
+
+def fake_output_root(root: Path, runs: dict[str, str | None]) -> None:
     """Trainer output root with runs named like timestamps; None = incomplete run."""
     for name, finished in runs.items():
         final = root / name / "final_model"
@@ -23,8 +40,8 @@ def fake_output_root(root: Path, adapter: Path, runs: dict[str, str | None]) -> 
         if finished is None:
             (final / "adapter_config.json").write_text("{}")  # crashed before saving weights
             continue
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(adapter / f, final / f)
+        write_tiny_adapter(final)
+        assert pick.is_complete(root / name)
         (root / name / "training_lineage.json").write_text(json.dumps({"finished": finished}))
 
 
@@ -35,10 +52,9 @@ def params_copy(tmp_path: Path) -> Path:
     return path
 
 
-def test_pick_writes_the_newest_complete_run(demo_runs: dict[str, Path], params_copy: Path,
-                                             tmp_path: Path) -> None:
+def test_pick_writes_the_newest_complete_run(params_copy: Path, tmp_path: Path) -> None:
     root = tmp_path / "sft_output_cpu"
-    fake_output_root(root, demo_runs["sft"] / "final_model", {
+    fake_output_root(root, {
         "20261101_090000": "2026-11-01T09:30:00+00:00",
         "20261120_090000": "2026-11-20T09:30:00+00:00",
         "20261126_090000": None,  # newest folder, but incomplete
@@ -53,13 +69,16 @@ def test_pick_writes_the_newest_complete_run(demo_runs: dict[str, Path], params_
     assert data["trainers"]["sft"]["adapter"] == str(result.adapter)
     assert data["trainers"]["kto"] == yaml.safe_load(text)["trainers"]["kto"]
     # one line changed, comments kept
-    changed = [a for a, b in zip(text.splitlines(), params_copy.read_text().splitlines()) if a != b]
+    lines = params_copy.read_text().splitlines()
+    assert len(lines) == len(text.splitlines())
+    changed = [a for a, b in zip(text.splitlines(), lines, strict=True) if a != b]
     assert len(changed) == 1 and "adapter:" in changed[0]
     assert "# One entry per trainer" in params_copy.read_text()
     assert pick.run(params_path=params_copy, trainer_key="sft").changed is False
 
 
-def test_pick_without_complete_runs_says_what_a_run_needs(params_copy: Path, tmp_path: Path) -> None:
+def test_pick_without_complete_runs_says_what_a_run_needs(params_copy: Path,
+                                                          tmp_path: Path) -> None:
     root = tmp_path / "empty_output"
     (root / "20261126_090000" / "final_model").mkdir(parents=True)
     params_copy.write_text(params_copy.read_text().replace("output_root: inputs/runs/kto",

@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.hashing import sha256_file
-from tests.pipeline import copy_repo, repro, run, set_param
-
-pytestmark = pytest.mark.slow
+from stages.core.hashing import sha256_file
+from tests.pipeline import copy_repo, repro, run, set_param, status
 
 TRAINERS = ("sft", "kto")
 LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
@@ -75,6 +73,30 @@ def test_push_published_exactly_the_release(built_repo: Path, trainer: str) -> N
 
 def test_second_repro_runs_nothing(built_repo: Path) -> None:
     assert repro(built_repo) == set()
+
+
+def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) -> None:
+    """stages/fidelity is a dep of reference@ and evaluate@ only: DVC would rerun those, and
+    no merge, convert or quantize (a reorganised dep list must keep expensive stages cached)."""
+    library = built_repo / "stages/fidelity/hf_checks.py"
+    text = library.read_text()
+    before = status(built_repo)
+    try:
+        library.write_text(text + "# an edit to the fidelity library\n")
+        after = status(built_repo)
+    finally:
+        library.write_text(text)
+    checks = ({f"reference@{t}" for t in TRAINERS}
+              | {f"evaluate@{t}-{lv}" for t in TRAINERS for lv in LEVELS})
+    assert set(after) == set(before) | checks, json.dumps(after, indent=1)
+    for stage in checks:
+        assert {"changed deps": {"stages/fidelity": "modified"}} in after[stage], after[stage]
+    newly = set(after) - set(before)
+    assert not {s for s in newly if s.split("@")[0] in {"merge", "convert", "quantize"}}, newly
+    assert "merge@sft" not in newly and "merge@kto" not in newly
+    assert {s: after[s] for s in before if s not in checks} == \
+        {s: v for s, v in before.items() if s not in checks}
+    assert status(built_repo) == before, "restoring the file must restore the status"
 
 
 def test_changing_one_level_reruns_only_that_level(clone: Path) -> None:

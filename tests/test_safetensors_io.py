@@ -13,8 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from stages.core.errors import ReleaseError
-from stages.weights.safetensors_io import (Reader, ShardWriter, TensorSpec, model_tensors, parse_size,
-                                   plan_shards, read_header)
+from stages.weights.safetensors_io import (
+    Reader,
+    ShardWriter,
+    TensorSpec,
+    model_tensors,
+    parse_size,
+    plan_shards,
+    read_header,
+)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -47,7 +54,8 @@ def test_plan_shards(sizes, cap: int, expected) -> None:
 
 
 def test_plan_shards_puts_wide_dtypes_first() -> None:
-    specs = [TensorSpec("a", "BF16", (3,)), TensorSpec("b", "F32", (2,)), TensorSpec("c", "I64", (1,))]
+    specs = [TensorSpec("a", "BF16", (3,)), TensorSpec("b", "F32", (2,)),
+             TensorSpec("c", "I64", (1,))]
     assert [s.name for s in plan_shards(specs, 10**6)[0]] == ["c", "b", "a"]
 
 
@@ -71,7 +79,8 @@ def test_read_header_and_read_into(tmp_path: Path) -> None:
         for name, tensor in tensors.items():
             info = infos[name]
             assert info.shape == tuple(tensor.shape)
-            assert bytes(reader.read(info)) == tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+            raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+            assert bytes(reader.read(info)) == raw
         part = bytearray(7 * 2)  # second row of the bf16 tensor
         reader.read_into(infos["w.bf16"], memoryview(part), start=7 * 2)
         assert bytes(part) == tensors["w.bf16"][1].view(torch.uint8).numpy().tobytes()
