@@ -111,7 +111,7 @@ def test_changing_one_level_reruns_only_that_level(clone: Path) -> None:
     receipt = json.loads((clone / "build/sft/push.json").read_text())
     name = json.loads((clone / "build/sft/manifest.json").read_text())["name"]
     assert receipt["formats"][0]["uploaded"] == ["README.md", f"{name}-Q5_K_M.gguf",
-                                                 "quality.png"]
+                                                 "quality.png", "manifest.json"]
 
 
 def test_adding_a_trainer_runs_only_its_stages(clone: Path) -> None:

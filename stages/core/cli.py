@@ -49,6 +49,8 @@ def run_stage(parser: argparse.ArgumentParser, argv: list[str] | None,
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s"
                         if args.debug else "%(message)s", force=True)
+    # One line per HTTP request is the HTTP client's debug output, not ours.
+    logging.getLogger("httpx2").setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         body(args)
     except ReleaseError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -53,6 +54,13 @@ CMAKE_FLAGS: tuple[str, ...] = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
 )
+# GGML_NATIVE compiles for this CPU (-march=native), which on Intel Sapphire Rapids and
+# later includes the AMX matmul backend; it segfaults in ggml_backend_amx_mul_mat on our
+# Q4_K_M files (llama-perplexity --kl-divergence, seen on 0.3.36; llama.cpp issue #20824,
+# closed without a fix). Turn the AMX instructions off; the AVX-512/AVX2 paths remain.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if platform.machine() in ("x86_64", "AMD64"):
+    CMAKE_FLAGS += (f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 PROJECT = "llm-release"
 
 
@@ -104,9 +112,15 @@ def describe(version: str) -> str:
 
 
 def is_built(version: str) -> bool:
-    """True when every tool in TOOLS exists for ``version``."""
+    """True when ``version`` was built with today's TOOLS and CMAKE_FLAGS (else rebuild)."""
     root = install_dir(version)
-    return (root / "BUILD.json").is_file() and all((root / "bin" / t).is_file() for t in TOOLS)
+    try:
+        info = json.loads((root / "BUILD.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (info.get("cmake_flags") == list(CMAKE_FLAGS)
+            and set(TOOLS) <= set(info.get("tools", []))
+            and all((root / "bin" / t).is_file() for t in TOOLS))
 
 
 @dataclass(frozen=True)
@@ -211,7 +225,7 @@ def build(version: str, *, jobs: int | None = None, tools: tuple[str, ...] = TOO
         shutil.move(str(src), stage / "src")
         info = {"version": version, "tools": list(tools), "cmake_flags": list(CMAKE_FLAGS)}
         (stage / "BUILD.json").write_text(json.dumps(info, indent=2) + "\n")
-        if final.exists():  # an older build with fewer tools: replace it whole
+        if final.exists():  # an older build (other tools or flags): replace it whole
             shutil.rmtree(final)
         os.replace(stage, final)
     log.info("built llama.cpp %s into %s", version, final)
