@@ -51,10 +51,22 @@ lint: venv  ## ruff over stages/, tests/ and bench/
 golden: venv  ## rewrite tests/fixtures/golden (card, Modelfile, manifest) after an intended change
 	$(PY) -m tests.test_card_golden --update
 
-push: tools  ## build and publish one trainer: make push TRAINER=sft
+push: tools  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1] [FORCE=1]
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi
 	$(PY) -m stages.params --params params.yaml --trainer $(TRAINER)
+	HF_HUB_OFFLINE=0 $(PY) -m stages.push --preflight --trainer $(TRAINER)
+ifdef DRY_RUN
+	HF_HUB_OFFLINE=0 $(PY) -m stages.push --dry-run --trainer $(TRAINER) --build build/$(TRAINER)
+	@$(DVC) status --quiet push@$(TRAINER) >/dev/null 2>&1 || echo "note: the build of $(TRAINER) is out of date (dvc status push@$(TRAINER)); the plan is for what is built now"
+else
+	@cp -p build/$(TRAINER)/push.json $(VENV)/.push-before.json 2>/dev/null || rm -f $(VENV)/.push-before.json
 	$(DVC) repro push@$(TRAINER)
+ifdef FORCE
+	@if cmp -s build/$(TRAINER)/push.json $(VENV)/.push-before.json; then \
+	  echo "FORCE=1: push@$(TRAINER) was up to date; re-planning against the target"; \
+	  $(DVC) repro --force --single-item push@$(TRAINER); fi
+endif
+endif
 
 pick: venv  ## point a trainer at its newest complete run: make pick TRAINER=sft
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make pick TRAINER=sft" >&2; exit 2; fi

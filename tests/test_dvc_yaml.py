@@ -64,7 +64,7 @@ def stage_defs() -> list[tuple[str, dict]]:
 
 def stage_module(stage: dict) -> str:
     cmd = " ".join(stage["cmd"].split())
-    match = re.match(r"\$\{py\}\.([\w.]+)\s", cmd)
+    match = re.match(r"(?:[A-Z_]+=\S* )*\$\{py\}\.([\w.]+)\s", cmd)  # env assignments first
     assert match, f"cmd does not start with ${{py}}.<module>: {cmd}"
     return f"stages.{match.group(1)}"
 
