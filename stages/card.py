@@ -7,7 +7,9 @@ Reads:  ``--quant-dir`` (each level's GGUF and its ``<LEVEL>.json`` record from
         the trainer's params, and ``templates/``.
 Writes: ``--out`` = ``build/<trainer>/gguf/``, exactly what is published:
         ``<name>-<LEVEL>.gguf`` (hard links to the quantize outputs, so no
-        copy), ``README.md`` (Hugging Face model card, with a quality table),
+        copy; a level over ``release.gguf.split_max_size`` as llama-gguf-split's
+        shards ``<name>-<LEVEL>-00001-of-0000N.gguf``, never the Ollama level),
+        ``README.md`` (Hugging Face model card, metadata as the Hub takes it),
         ``quality.png`` (file size vs KL divergence), ``Modelfile`` (Ollama),
         ``manifest.json``; ``--manifest`` = ``build/<trainer>/manifest.json``;
         and ``--plot-data`` (the DVC plot of size vs KL divergence).
@@ -28,8 +30,9 @@ from stages.release.card import render_release
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(
-        "stages.card", "Assemble build/<trainer>/gguf/: the GGUFs named <name>-<LEVEL>.gguf, "
-        "a Hugging Face model card (README.md), an Ollama Modelfile and manifest.json.",)
+        "stages.card", "Assemble build/<trainer>/gguf/: the GGUFs named <name>-<LEVEL>.gguf "
+        "(split into llama.cpp shards when over split_max_size), a Hugging Face model card "
+        "(README.md), an Ollama Modelfile and manifest.json.",)
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
     parser.add_argument("--quant-dir", type=Path, required=True,
                         help="folder with <LEVEL>.gguf and <LEVEL>.json from the quantize stages")

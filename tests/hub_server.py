@@ -449,9 +449,9 @@ class HubServer:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> HubServer:
-        """Listen on a free port of 127.0.0.1 in a background thread."""
-        self._http = _HTTPServer(("127.0.0.1", 0), _Handler)
+    def start(self, port: int = 0) -> HubServer:
+        """Listen on ``port`` (default: a free one) of 127.0.0.1 in a background thread."""
+        self._http = _HTTPServer(("127.0.0.1", port), _Handler)
         self._http.hub = self
         self._thread = threading.Thread(target=self._http.serve_forever, args=(0.05,),
                                         daemon=True, name="hub-server")
@@ -1006,3 +1006,30 @@ class HubServer:
                     if empty else [])
         return _json({"errors": [{"message": e} for e in errors], "warnings": warnings},
                      400 if errors else 200)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.hub_server``: serve a local Hub to try ``make push`` offline."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m tests.hub_server", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1")
+    parser.add_argument("--user", default="alice", help="the token's user (its namespace)")
+    parser.add_argument("--token", default="hf_local_write_token", help="a write token")
+    args = parser.parse_args(argv)
+    with HubServer() as hub:
+        hub.stop()
+        hub.start(args.port)
+        hub.add_token(args.token, user=args.user, role="write")
+        print(f"HF_ENDPOINT={hub.endpoint} HF_TOKEN={args.token} (user {args.user}); "
+              "Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -112,6 +112,23 @@ TARGET = "trainers.sft.release.gguf.target"
     ("trainers.sft.chat_template", "", "`trainers.sft.chat_template` must be non-empty text: "
      "the chat template"),
     ("trainers.sft.eos_token", 2, "`trainers.sft.eos_token` must be non-empty text: the eos token"),
+    ("trainers.sft.license", "Apache-2.0", "`trainers.sft.license` is not a license id of the "
+     "Hub (hub_licenses.json); did you mean `apache-2.0`? Or use `license: other` with "
+     "`license_name` and `license_link` for a license the Hub does not list (got 'Apache-2.0')"),
+    ("trainers.sft.license", "proprietary", "`trainers.sft.license` is not a license id of "
+     "the Hub (hub_licenses.json); use `license: other` with `license_name` and `license_link`"),
+    ("trainers.sft.license", "other", "`trainers.sft.license_name` is missing; `license: other` "
+     "needs `license_name`"),
+    ("trainers.sft.license_name", "my-license",
+     "`trainers.sft.license_name` applies only with `license: other` (license is `apache-2.0`) "
+     "(got 'my-license')"),
+    ("trainers.sft.license_link", 3, "`trainers.sft.license_link` must be text; quote it (got 3)"),
+    ("trainers.sft.release.gguf.split_max_size", "48GB",
+     "`trainers.sft.release.gguf.split_max_size` must be a size as llama-gguf-split takes it: a "
+     "whole number and M or G (1000-based), e.g. `49G` (got '48GB')"),
+    ("trainers.sft.release.gguf.split_max_size", "1.5G", "split_max_size` must be a size as"),
+    ("trainers.sft.release.gguf.split_max_size", "0M", "split_max_size` must be a size as"),
+    ("trainers.sft.release.gguf.split_max_size", 48, "split_max_size` must be text; quote it"),
 ])
 def test_bad_params_name_the_key(path: str, value: object, message: str) -> None:
     with pytest.raises(ParamsError) as err:
@@ -142,6 +159,67 @@ def test_hub_target_takes_revision_and_tag() -> None:
     target = parse_params(edited(TARGET, hub)).trainer("sft").release["gguf"].target
     assert (target.kind, target.repo_id, target.private) == ("hub", "owner/name", True)
     assert (target.path, target.revision, target.tag) == (None, "main", "v1")
+
+
+OTHER = {"license": "other", "license_name": "my-model-license",
+         "license_link": "https://example.com/LICENSE"}
+
+
+def test_other_license_takes_a_name_and_a_link() -> None:
+    data = copy.deepcopy(GOOD)
+    data["trainers"]["sft"] |= OTHER
+    trainer = parse_params(data).trainer("sft")
+    assert (trainer.license, trainer.license_name, trainer.license_link) == tuple(OTHER.values())
+    assert parse_params(GOOD).trainer("sft").license_name is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"license_link": None}, "`trainers.sft.license_link` is missing; `license: other` needs"),
+    ({"license_name": "My License"}, "`trainers.sft.license_name` must be lower-case letters, "
+     "digits, '-' and '.' (the Hub's rule) (got 'My License')"),
+])
+def test_other_license_needs_a_valid_name_and_a_link(change: dict, message: str) -> None:
+    data = copy.deepcopy(GOOD)
+    data["trainers"]["sft"] |= {k: v for k, v in (OTHER | change).items() if v is not None}
+    with pytest.raises(ParamsError) as err:
+        parse_params(data)
+    assert message in str(err.value)
+
+
+def test_every_hub_license_id_is_accepted() -> None:
+    from stages.config.hub import hub_licenses
+
+    assert "apache-2.0" in hub_licenses() and "other" in hub_licenses()
+    for license_ in hub_licenses():
+        if license_ != "other":
+            parse_params(edited("trainers.sft.license", license_))
+
+
+@pytest.mark.parametrize(("size", "kind", "ok"), [
+    ("49G", "hub", True), ("48000M", "hub", True), ("1M", "hub", True),
+    ("50G", "hub", False), ("60G", "hub", False), ("60G", "local", True),
+])
+def test_split_max_size_must_leave_shards_the_hub_takes(size: str, kind: str, ok: bool) -> None:
+    target = ({"kind": "hub", "repo_id": "owner/name"} if kind == "hub"
+              else {"kind": "local", "path": "x"})
+    data = edited(TARGET, target)
+    data["trainers"]["sft"]["release"]["gguf"]["split_max_size"] = size
+    if ok:
+        release = parse_params(data).trainer("sft").release["gguf"]
+        assert release.split_max_bytes == int(size[:-1]) * {"M": 10**6, "G": 10**9}[size[-1]]
+        return
+    with pytest.raises(ParamsError, match=r"^params: `trainers.sft.release.gguf.split_max_size` "
+                                          r"leaves shards the Hub refuses: .*\(got '\d+G'\)$"):
+        parse_params(data)
+
+
+def test_split_max_size_defaults_to_just_under_the_hubs_50_gb() -> None:
+    from stages.config.hub import HUB_FILE_LIMIT
+
+    release = parse_params(GOOD).trainer("sft").release["gguf"]
+    assert release.split_max_size == "49G"
+    # llama-gguf-split counts G as 10^9 bytes of tensors; the metadata rides on top.
+    assert HUB_FILE_LIMIT - release.split_max_bytes == 10**9
 
 
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ pydantic models (frozen, unknown keys refused) whose sections mirror the file;
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -38,6 +39,7 @@ from stages.config.base import (
     problem,
 )
 from stages.config.evaluate import EvalSettings
+from stages.config.hub import HUB_FILE_LIMIT, LICENSE_NAME, license_problem
 from stages.core.errors import ParamsError, ReleaseError
 
 # Levels llama-quantize accepts, from tools/quantize/quantize.cpp
@@ -64,6 +66,14 @@ TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 TRAINER_KEY = r"[a-z0-9][a-z0-9_]*"
 REPO_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
 PUBLISHED_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+# llama-gguf-split's --split-max-size: N(M|G), 1000-based (gguf-split.cpp,
+# split_str_to_n_bytes); N is read with %d, so at most 9 digits keeps it an int.
+SPLIT_SIZE = r"([1-9][0-9]{0,8})([MG])"
+SPLIT_UNITS = {"M": 1000**2, "G": 1000**3}
+# Tensors of a shard stay within 49 * 10^9 bytes; the first shard adds the metadata
+# (tokenizer and chat template: tens of MB at most), so every shard is under the Hub's
+# 50 * 10^9 with ~1 GB to spare.
+DEFAULT_SPLIT_MAX_SIZE = "49G"
 
 
 def _quant_level(name: str) -> str:
@@ -96,6 +106,14 @@ LevelName = Annotated[Text, AfterValidator(_quant_level)]
 FormatName = Annotated[Text, AfterValidator(_format)]
 
 
+def split_size_bytes(text: str) -> int:
+    """Bytes of a ``--split-max-size`` value, as llama-gguf-split reads it (``48G``)."""
+    match = re.fullmatch(SPLIT_SIZE, text)
+    if match is None:
+        raise ValueError(f"{text!r} is not N(M|G)")
+    return int(match[1]) * SPLIT_UNITS[match[2]]
+
+
 class Target(ParamsModel):
     """Where one format is published: ``{kind: local, path}`` or ``{kind: hub, repo_id}``."""
 
@@ -125,8 +143,25 @@ class FormatRelease(Keyed):
 
     target: Target
     ollama_level: Text | None = None  # the level `ollama run` gets; checked against the levels
+    # A GGUF bigger than this is published in shards (llama-gguf-split); never Ollama's level.
+    split_max_size: Annotated[Text, pattern(
+        SPLIT_SIZE, "must be a size as llama-gguf-split takes it: a whole number and M or G "
+        f"(1000-based), e.g. `{DEFAULT_SPLIT_MAX_SIZE}`")] = DEFAULT_SPLIT_MAX_SIZE
 
     format = own_key("The key under ``release:`` (``gguf``).")
+
+    @property
+    def split_max_bytes(self) -> int:
+        """``split_max_size`` in bytes."""
+        return split_size_bytes(self.split_max_size)
+
+    @model_validator(mode="after")
+    def _shards_fit_the_hub(self) -> FormatRelease:
+        if self.target.kind == "hub" and self.split_max_bytes >= HUB_FILE_LIMIT:
+            raise problem(f"leaves shards the Hub refuses: it takes files up to 50 GB (and the "
+                          f"first shard adds the metadata); use e.g. `{DEFAULT_SPLIT_MAX_SIZE}`",
+                          at="split_max_size", got=self.split_max_size)
+        return self
 
 
 class BaseModelRef(ParamsModel):
@@ -143,7 +178,11 @@ class Trainer(Keyed):
     base_model: BaseModelRef
     name: Annotated[Text, pattern(PUBLISHED_NAME, "must be letters, digits, '.', '_' and '-'; "
                                   "it names the published files")]
-    license: Text
+    license: Text  # a Hub license id (config/hub.py), or `other` with the next two
+    license_name: Annotated[Text, pattern(
+        LICENSE_NAME, "must be lower-case letters, digits, '-' and '.' (the Hub's rule)")] \
+        | None = None
+    license_link: Text | None = None
     tags: tuple[Text, ...] = ()
     release: Annotated[dict[FormatName, FormatRelease], _some("add e.g. `gguf:`")]
     output_root: PathText | None = None  # where the trainer writes <timestamp>/final_model
@@ -161,6 +200,15 @@ class Trainer(Keyed):
                       "trainer's own")
 
     key = own_key("The key under ``trainers:`` (it names folders and DVC stages).")
+
+    @model_validator(mode="after")
+    def _license_known(self) -> Trainer:
+        found = license_problem(self.license, self.license_name, self.license_link)
+        if found:
+            key, what = found
+            value = getattr(self, key)
+            raise problem(what, at=key, got=NOTHING if value is None else value)
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -3,6 +3,7 @@
 ``tools`` (build once per version into the user cache, locate and run the
 tools with their output captured), ``convert`` (HF folder -> bf16/f16 GGUF with
 the vendored ``convert_hf_to_gguf.py``), ``quantize`` (one level with
-llama-quantize, and its record) and ``gguf_meta`` (what a GGUF says about its
-chat template, special tokens and bits per weight).
+llama-quantize, and its record), ``split`` (a GGUF in shards with
+llama-gguf-split, named as llama.cpp loads them) and ``gguf_meta`` (what a GGUF
+says about its chat template, special tokens and bits per weight).
 """

@@ -1,10 +1,12 @@
 """The published GGUF folder of a trainer: files, model card, Modelfile, manifest.
 
-``<name>-<LEVEL>.gguf`` (hard links to the quantize outputs, so no copy),
-``README.md`` (Hugging Face model card with YAML front matter and a quality
-table), ``quality.png``, ``Modelfile`` (Ollama) and ``manifest.json``.  Rendered
-text is parsed back and checked before anything is written; the folder appears
-whole or not at all.
+``<name>-<LEVEL>.gguf`` (hard links to the quantize outputs, so no copy; a level
+over ``split_max_size`` is published as llama-gguf-split's shards
+``<name>-<LEVEL>-00001-of-0000N.gguf``, except Ollama's level, which stays whole),
+``README.md`` (Hugging Face model card with YAML front matter the Hub accepts and
+a quality table), ``quality.png``, ``Modelfile`` (Ollama) and ``manifest.json``.
+Rendered text is parsed back and checked before anything is written; the folder
+appears whole or not at all.
 """
 
 
@@ -15,16 +17,19 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
-from stages.config.params import Params, Trainer
+from stages.config.hub import HUB_FILE_LIMIT
+from stages.config.params import FormatRelease, Params, Trainer
 from stages.core import atomic
 from stages.core.errors import InputError, ReleaseError
 from stages.core.preflight import human_size
 from stages.llamacpp.gguf_meta import read_chat_info
+from stages.llamacpp.split import plan_split, split_gguf
+from stages.release.hub_meta import check_front_matter, front_matter, lineage_datasets
 from stages.release.manifest import (
     Artifact,
     artifact,
@@ -45,7 +50,6 @@ from stages.release.templates import environment
 log = logging.getLogger(__name__)
 
 FORMAT = "gguf"
-LIBRARY = "gguf"  # what the Hub calls a repo of GGUF files (library_name)
 PLOT = "quality.png"
 
 
@@ -83,21 +87,58 @@ def load_lineage(path: Path) -> dict:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
 
 
-def front_matter(trainer: Trainer, lineage: dict) -> dict:
-    """YAML front matter of the Hub model card."""
-    data: dict = {
-        "base_model": trainer.base_model.id,
-        # The GGUFs are the base fine-tuned (adapter merged), then quantized.
-        "base_model_relation": "finetune",
-        "license": trainer.license,
-        "library_name": LIBRARY,
-        "pipeline_tag": "text-generation",
-        "tags": sorted({*trainer.tags, "gguf", "llama.cpp", lineage.get("trainer", "lora")}),
-    }
-    dataset = lineage.get("dataset") or {}
-    if dataset.get("name"):
-        data["datasets"] = [dataset.get("hub_id") or dataset["name"]]
-    return data
+def ollama_level(release: FormatRelease, records: list[dict]) -> str:
+    """The level the Modelfile uses: ``ollama_level``, else the first level."""
+    return release.ollama_level or records[0]["level"]
+
+
+def check_hub_limit(trainer: Trainer, records: list[dict]) -> None:
+    """For a Hub target: Ollama's level, which is never split, must fit in one Hub file."""
+    release = trainer.release[FORMAT]
+    level = ollama_level(release, records)
+    size = next(r["bytes"] for r in records if r["level"] == level)
+    if release.target.kind != "hub" or size <= HUB_FILE_LIMIT:
+        return
+    key = f"trainers.{trainer.key}.release.{FORMAT}"
+    fits = [f"{r['level']} ({human_size(r['bytes'])})" for r in records
+            if r["bytes"] <= HUB_FILE_LIMIT]
+    raise ReleaseError(
+        f"the {level} GGUF is {human_size(size)}, over the Hub's 50 GB file limit, and it is "
+        f"`{key}.ollama_level`: Ollama cannot import a split GGUF, so `{key}.split_max_size` "
+        f"does not split it; set `{key}.ollama_level` to a level under 50 GB"
+        + (f" ({', '.join(fits)})" if fits else " (add a smaller one to quantize.levels)")
+        + ", or publish to a local target")
+
+
+def place_ggufs(*, tmp: Path, trainer: Trainer, records: list[dict], quant_dir: Path,
+                llama_cpp_version: str) -> tuple[list[dict], list[Artifact]]:
+    """Each level's GGUF in ``tmp``: a hard link, or the shards llama-gguf-split writes
+    there; the card's file rows and the artifacts, in level order."""
+    release = trainer.release[FORMAT]
+    keep = ollama_level(release, records)
+    files, arts = [], []
+    for rec in records:
+        plan = plan_split(source=quant_dir / rec["file"], prefix=f"{trainer.name}-{rec['level']}",
+                          max_bytes=release.split_max_bytes, keep_whole=rec["level"] == keep)
+        if plan.split:
+            paths = split_gguf(plan, out_dir=tmp, max_bytes=release.split_max_bytes,
+                               llama_cpp_version=llama_cpp_version)
+        else:
+            paths = [tmp / plan.files[0]]
+            link_or_copy(plan.source, paths[0])
+        for index, path in enumerate(paths, 1):
+            art = artifact(tmp.parent, path, fmt=FORMAT, kind="gguf", level=rec["level"],
+                           sha256=None if plan.split else rec["sha256"],
+                           shard=(index, len(paths)) if plan.split else None)
+            arts.append(art)
+            files.append({"file": path.name, "level": rec["level"], "size": human_size(art.bytes),
+                          "sha256": art.sha256, "shard": art.shard, "shards": art.shards})
+    for art in arts:
+        if release.target.kind == "hub" and art.bytes > HUB_FILE_LIMIT:
+            raise ReleaseError(f"{art.path} is {human_size(art.bytes)}, over the Hub's 50 GB file "
+                               "limit: it holds a tensor that large, which llama-gguf-split "
+                               "cannot divide; publish this trainer to a local target")
+    return files, arts
 
 
 def render_front_matter(data: dict) -> str:
@@ -133,36 +174,46 @@ def published_params(params: Params, trainer: Trainer) -> dict:
             "llama_cpp": {"version": params.llama_cpp_version}}
 
 
+def split_notes(files: list[dict]) -> list[dict]:
+    """One note per split level: its shard count and first shard."""
+    return [{"level": f["level"], "shards": f["shards"], "first": f["file"]}
+            for f in files if f["shard"] == 1]
+
+
+def modelfile_license(trainer: Trainer) -> str:
+    """The Modelfile's LICENSE: the Hub id, or a license's name and link."""
+    if trainer.license == "other":
+        return f"{trainer.license_name} ({trainer.license_link})"
+    return trainer.license
+
+
 def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[dict],
                   quant_dir: Path, lineage: dict, quality: Quality) -> list[Artifact]:
-    """Fill ``tmp`` with GGUF links, README.md, quality.png and Modelfile; return artifacts."""
+    """Fill ``tmp`` with the GGUFs, README.md, quality.png and Modelfile; return artifacts."""
     env = environment()
     env.filters.update(cell=table_cell, one_line=one_line)
     atomic.write_bytes(tmp / PLOT, render_plot(quality, f"{trainer.name}: size vs fidelity"))
-    files, arts = [], []
-    for rec in records:
-        name = f"{trainer.name}-{rec['level']}.gguf"
-        link_or_copy(quant_dir / rec["file"], tmp / name)
-        files.append({"file": name, "level": rec["level"], "size": human_size(rec["bytes"]),
-                      "sha256": rec["sha256"]})
-        arts.append(artifact(tmp.parent, tmp / name, fmt=FORMAT, kind="gguf",
-                             level=rec["level"], sha256=rec["sha256"]))
+    files, arts = place_ggufs(tmp=tmp, trainer=trainer, records=records, quant_dir=quant_dir,
+                              llama_cpp_version=params.llama_cpp_version)
     release = trainer.release[FORMAT]
-    level = release.ollama_level or records[0]["level"]
+    level = ollama_level(release, records)
     default_file = f"{trainer.name}-{level}.gguf"
     chat = read_chat_info(tmp / default_file)
     ollama_name = trainer.name.lower()
     modelfile = env.get_template("Modelfile.j2").render(
         name=trainer.name, level=level, gguf_file=default_file, ollama_name=ollama_name,
-        stops=chat.stop_strings, license=trainer.license)
+        stops=chat.stop_strings, license=modelfile_license(trainer))
     atomic.write_text(tmp / "Modelfile", modelfile)
     files.append({"file": "Modelfile", "level": None,
                   "size": human_size(len(modelfile.encode())),
-                  "sha256": hashlib.sha256(modelfile.encode()).hexdigest()})
-    matter = front_matter(trainer, lineage)
+                  "sha256": hashlib.sha256(modelfile.encode()).hexdigest(),
+                  "shard": None, "shards": None})
+    matter = front_matter(trainer, lineage, FORMAT)
+    check_front_matter(matter, trainer_key=trainer.key)
     card = env.get_template("README.md.j2").render(
         front_matter=render_front_matter(matter), name=trainer.name,
-        base_model=trainer.base_model.id, lineage=lineage, files=files,
+        base_model=trainer.base_model.id, lineage=lineage, datasets=lineage_datasets(lineage),
+        files=files, splits=split_notes(files), split_max_size=release.split_max_size,
         fallbacks=[fb | {"level": r["level"]} for r in records for fb in r["fallbacks"]],
         default_file=default_file, ollama_name=ollama_name, quality=quality, plot=PLOT,
         overrides={"chat_template": trainer.chat_template, "eos_token": trainer.eos_token},
@@ -182,6 +233,7 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
     if FORMAT not in trainer.release:
         raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
     records = load_records(quant_dir, list(params.levels))
+    check_hub_limit(trainer, records)
     lineage = load_lineage(trainer.run_dir / "training_lineage.json")
     quality = load_quality(eval_dir, records, trainer.key)
     root = manifest.parent
@@ -190,8 +242,7 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
     with atomic.output_dir(out) as tmp:
         arts = write_release(tmp=tmp, trainer=trainer, params=params, records=records,
                              quant_dir=quant_dir, lineage=lineage, quality=quality)
-        arts = [Artifact(**{**a.__dict__, "path": f"{out.name}/{a.path.split('/', 1)[1]}"})
-                for a in arts]
+        arts = [replace(a, path=f"{out.name}/{a.path.split('/', 1)[1]}") for a in arts]
         text = render_manifest(trainer=trainer.key, name=trainer.name, artifacts=arts,
                                lineage=lineage, params=published_params(params, trainer),
                                tools=tool_versions(params.llama_cpp_version))

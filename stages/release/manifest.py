@@ -29,7 +29,8 @@ PACKAGES: tuple[str, ...] = ("transformers", "peft", "torch", "dvc", "gguf", "hu
 
 @dataclass(frozen=True)
 class Artifact:
-    """One published file, with its path relative to ``build/<trainer>/``."""
+    """One published file, with its path relative to ``build/<trainer>/``; a shard of a
+    split GGUF also has its place, ``shard`` (1-based) of ``shards``."""
 
     path: str
     bytes: int
@@ -37,13 +38,18 @@ class Artifact:
     format: str
     kind: str
     level: str | None = None
+    shard: int | None = None
+    shards: int | None = None
 
 
 def artifact(root: Path, path: Path, *, fmt: str, kind: str, level: str | None = None,
-             sha256: str | None = None) -> Artifact:
-    """Describe ``path`` (inside ``root``); hash it unless ``sha256`` is known."""
+             sha256: str | None = None, shard: tuple[int, int] | None = None) -> Artifact:
+    """Describe ``path`` (inside ``root``); hash it unless ``sha256`` is known.  ``shard``:
+    (index, count) of a GGUF shard."""
+    index, count = shard or (None, None)
     return Artifact(path=path.relative_to(root).as_posix(), bytes=path.stat().st_size,
-                    sha256=sha256 or sha256_file(path), format=fmt, kind=kind, level=level)
+                    sha256=sha256 or sha256_file(path), format=fmt, kind=kind, level=level,
+                    shard=index, shards=count)
 
 
 def tool_versions(llama_cpp_version: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from stages.config.hub import HUB_FILE_LIMIT
 from stages.config.params import FormatRelease, Target
 from stages.core.cli import progress_enabled
 from stages.core.errors import ParamsError, ReleaseError
@@ -47,8 +49,6 @@ from stages.release.publish import (
 
 log = logging.getLogger(__name__)
 
-# The Hub refuses files over 50 GB (docs: "Repository limitations and recommendations").
-HUB_FILE_LIMIT = 50 * 10**9
 README = "README.md"  # the model card, which the Hub validates (validate-yaml) on commit
 # Waits between tries of a call the client does not retry itself (whoami, create_repo,
 # the commit): 4 tries in ~7 s, or what the server's Retry-After asks.
@@ -116,13 +116,50 @@ def hub_errors(repo_id: str, what: str) -> Iterator[None]:
 
         raise PublishError(f"{what}: cannot reach {constants.ENDPOINT} ({type(exc).__name__}: "
                            f"{exc}); check the network, or HF_ENDPOINT") from None
+    except RuntimeError as exc:
+        # The client wraps a failed LFS transfer: "Error while uploading 'x' to the Hub."
+        cause = exc.__cause__
+        if not isinstance(cause, HfHubHTTPError | TransportError):
+            raise
+        status = cause.response.status_code if getattr(cause, "response", None) else None
+        raise PublishError(f"{what}: {exc} ({f'HTTP {status}' if status else type(cause).__name__}"
+                           f": {_first_line(cause)}); push again: the files the Hub received "
+                           "are kept and not sent again, and nothing was committed") from None
     except ValueError as exc:
         if "Invalid metadata in README.md" in str(exc):
-            raise PublishError(f"the Hub rejected the model card of {repo_id}: "
-                               f"{str(exc).strip()}; fix the card's front matter "
-                               "(templates/README.md.j2, or the trainer's params: license, "
-                               "base_model, tags)") from None
+            raise PublishError(card_rejected(repo_id, str(exc))) from None
         raise
+
+
+def _first_line(exc: BaseException) -> str:
+    server = getattr(exc, "server_message", None)
+    return ((server or "").strip() or str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
+def card_rejected(repo_id: str, errors: str) -> str:
+    """The message for a card the Hub's validate-yaml refused: the client's
+    ``Invalid metadata in README.md.\n- error\n- ...``, on one line."""
+    lines = [line.strip().removeprefix("- ") for line in errors.splitlines()[1:]]
+    found = "; ".join(line for line in lines if line) or errors.strip()
+    return (f"the Hub rejected the model card of {repo_id} (README.md metadata): {found}; fix "
+            "the card's front matter (templates/README.md.j2, or the trainer's params: license, "
+            "base_model, tags)")
+
+
+def validate_card(text: str, repo_id: str) -> None:
+    """Ask the Hub's validate-yaml about the card, before anything is uploaded."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(text).validate(repo_type="model")
+    except ValueError as exc:
+        # ModelCard.validate raises the 400's body as is: {"errors": [{"message": ...}]}.
+        try:
+            found = [str(e.get("message", e)) for e in json.loads(str(exc))["errors"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            found = [str(exc)]
+        raise PublishError(card_rejected(repo_id, "Invalid metadata in README.md.\n"
+                                         + "\n".join(f"- {e}" for e in found))) from None
 
 
 def _http_message(exc, repo_id: str, what: str) -> str:
@@ -276,6 +313,9 @@ def push_hub(folder: Path, release: FormatRelease, *, message: str,
     if dry_run:
         return plan, None
     with hub_errors(repo_id, f"publishing to {repo_id}"):
+        if target.tag and remote.exists:  # before the commit: a refused tag must not leave one
+            _check_tag(api, repo_id, target.tag, remote.head,
+                       changes=bool(plan.upload or plan.delete))
         head, sent = _apply(api, folder, built, plan, target, remote, message)
         tag = _tag(api, repo_id, target.tag, head, message) if target.tag else None
     url = f"{api.endpoint}/{repo_id}/commit/{head}" if head else None
@@ -308,9 +348,7 @@ def _apply(api, folder: Path, built: Release, plan: PushPlan, target: Target, re
     if MANIFEST in plan.upload:
         adds.append(CommitOperationAdd(path_in_repo=MANIFEST, path_or_fileobj=built.manifest))
     if README in plan.upload:  # before any upload: the Hub would refuse the commit
-        from huggingface_hub import ModelCard
-
-        ModelCard((folder / README).read_text()).validate(repo_type="model")
+        validate_card((folder / README).read_text(), repo_id)
     missing = _lfs_missing(api, repo_id, revision, adds)
     api.preupload_lfs_files(repo_id, additions=adds, revision=revision)
     deletes = [CommitOperationDelete(path_in_repo=name) for name in plan.delete]
@@ -341,14 +379,30 @@ def _lfs_missing(api, repo_id: str, revision: str, adds: list) -> set[str]:
     return {a["oid"] for a in actions if a.get("actions")}
 
 
+def _tags(api, repo_id: str) -> dict[str, str]:
+    """Tag name -> commit of the repo."""
+    return {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
+
+
+def _tag_taken(repo_id: str, tag: str, commit: str) -> PublishError:
+    return PublishError(f"tag `{tag}` of {repo_id} already names commit {commit[:12]}; a tag "
+                        "pins one release: change the target's `tag` for this one")
+
+
+def _check_tag(api, repo_id: str, tag: str, head: str | None, *, changes: bool) -> None:
+    """Refuse, before committing, a tag that names a commit other than the one this push
+    leaves (``head`` when nothing ``changes``, else a new commit)."""
+    named = _tags(api, repo_id).get(tag)
+    if named is not None and (changes or named != head):
+        raise _tag_taken(repo_id, tag, named)
+
+
 def _tag(api, repo_id: str, tag: str, commit: str | None, message: str) -> str:
     """Tag ``commit``; a tag that already names another commit is an error (it pins one)."""
-    refs = api.list_repo_refs(repo_id)
-    existing = {t.name: t.target_commit for t in refs.tags}
-    if tag in existing:
-        if existing[tag] == commit:
+    named = _tags(api, repo_id).get(tag)
+    if named is not None:
+        if named == commit:
             return tag
-        raise PublishError(f"tag `{tag}` of {repo_id} already names commit {existing[tag][:12]}; "
-                           "a tag pins one release: change the target's `tag` for this one")
+        raise _tag_taken(repo_id, tag, named)
     api.create_tag(repo_id, tag=tag, revision=commit, tag_message=message.splitlines()[0])
     return tag
