@@ -28,8 +28,9 @@ from stages.config.params import FormatRelease, Trainer, load_params
 from stages.core import atomic
 from stages.core.cli import run_stage, stage_parser
 from stages.core.errors import ReleaseError
+from stages.release.hub_client import find_token, preflight
 from stages.release.publish import FormatReceipt, PushPlan, describe_plan, read_release
-from stages.release.publish_hub import commit_message, find_token, preflight, push_hub
+from stages.release.publish_hub import commit_message, push_hub
 from stages.release.publish_local import push_local
 
 log = logging.getLogger(__name__)
