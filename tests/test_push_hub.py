@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -422,6 +423,20 @@ def test_preflight_fails_in_seconds_naming_the_fix(hub: HubServer, client: Pushe
     assert seconds < 10, f"the preflight took {seconds:.1f} s to fail"
     assert not hub.repo_exists(REPO_ID) and not hub.repo_exists("carol/golden")
     assert hub.requests["create_repo"] == 0 and sum(hub.commits_made.values()) == 0
+
+
+def test_an_unreachable_hub_fails_after_retries_naming_the_endpoint(
+        client: Pusher, release: Release) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = client.env(WRITE) | {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    res = subprocess.run([sys.executable, "-m", "stages.push", "--trainer", "sft", "--preflight",
+                          "--params", str(release.params)], cwd=client.tmp, env=env,
+                         capture_output=True, text=True, timeout=120)
+    line = error_line(res)
+    assert f"cannot reach http://127.0.0.1:{port}" in line and "HF_ENDPOINT" in line, line
+    assert res.stderr.count("trying again") == 3, res.stderr
 
 
 def test_a_commit_refused_with_429_then_500_is_retried_into_one_commit(
