@@ -2,6 +2,8 @@
 # make test  - set up everything and run the test suite
 # Each target does its own set-up: .venv (pinned deps) and the llama.cpp tools
 # (built once per version into ~/.cache/llm-release, reused by every clone).
+# demo and push pull from the DVC remote (`shared`, .dvc/config) whatever it already
+# has; make share uploads to it (README: Sharing across machines).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -17,7 +19,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv tools demo test test-fast lint golden push pick bench status clean
+.PHONY: help venv tools demo test test-fast lint golden push share gc pick bench status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
@@ -35,8 +37,8 @@ $(STAMP): requirements.lock
 tools: venv  ## build the pinned llama.cpp tools once (cached outside the repo)
 	$(PY) -m stages.tools --params params.yaml
 
-demo: tools  ## run the whole pipeline on the embedded demo (offline)
-	$(DVC) repro
+demo: tools  ## run the whole pipeline on the embedded demo (offline; pulls what the DVC remote has)
+	$(PY) -m stages.repro
 	$(PY) -m stages.summary --params params.yaml
 
 test: tools  ## run every test (what CI runs)
@@ -57,16 +59,22 @@ push: tools  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1]
 	HF_HUB_OFFLINE=0 $(PY) -m stages.push --preflight --trainer $(TRAINER)
 ifdef DRY_RUN
 	HF_HUB_OFFLINE=0 $(PY) -m stages.push --dry-run --trainer $(TRAINER) --build build/$(TRAINER)
-	@$(DVC) status --quiet push@$(TRAINER) >/dev/null 2>&1 || echo "note: the build of $(TRAINER) is out of date (dvc status push@$(TRAINER)); the plan is for what is built now"
+	@$(DVC) status --quiet --with-deps push@$(TRAINER) >/dev/null 2>&1 || echo "note: the build of $(TRAINER) is out of date (dvc status --with-deps push@$(TRAINER)); the plan is for what is built now"
 else
 	@cp -p build/$(TRAINER)/push.json $(VENV)/.push-before.json 2>/dev/null || rm -f $(VENV)/.push-before.json
-	$(DVC) repro push@$(TRAINER)
+	$(PY) -m stages.repro --trainer $(TRAINER)
 ifdef FORCE
 	@if cmp -s build/$(TRAINER)/push.json $(VENV)/.push-before.json; then \
 	  echo "FORCE=1: push@$(TRAINER) was up to date; re-planning against the target"; \
 	  $(DVC) repro --force --single-item push@$(TRAINER); fi
 endif
 endif
+
+share: venv  ## upload every output and the run-cache to the DVC remote (dvc push --run-cache)
+	$(PY) -m stages.share
+
+gc: venv  ## keep only the current release of every trainer in the DVC cache [CLOUD=1: remote too]
+	$(PY) -m stages.gc $(if $(CLOUD),--cloud)
 
 pick: venv  ## point a trainer at its newest complete run: make pick TRAINER=sft
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make pick TRAINER=sft" >&2; exit 2; fi

@@ -28,7 +28,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 def copy_repo(src: Path, dst: Path, *, cache_from: Path | None = None) -> Path:
     """Copy the working tree (tracked and untracked, not ignored) into a new git repo.
 
-    ``.venv`` is linked, not copied.  With ``cache_from``, the copy shares that
+    ``.venv`` is linked, not copied; the DVC remote ``shared`` is ``<dst>-remote``
+    (absent until something is shared).  With ``cache_from``, the copy shares that
     repo's DVC cache and takes its dvc.lock, build outputs and push receipts,
     as a second machine that pulled from a remote would.
     """
@@ -38,6 +39,10 @@ def copy_repo(src: Path, dst: Path, *, cache_from: Path | None = None) -> Path:
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, dst / name)
     os.symlink(src / ".venv" if (src / ".venv").exists() else REPO / ".venv", dst / ".venv")
+    # Its own DVC remote, empty until a test shares to it: no test reads or writes the
+    # user's default remote (.dvc/config), so none depends on what is there.
+    (dst / ".dvc/config.local").write_text(
+        f"['remote \"shared\"']\n    url = {dst.parent / (dst.name + '-remote')}\n")
     run(["git", "init", "-q"], cwd=dst)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "copy",
          "--allow-empty"], cwd=dst, check=False)
