@@ -61,13 +61,11 @@ ifdef DRY_RUN
 	HF_HUB_OFFLINE=0 $(PY) -m stages.push --dry-run --trainer $(TRAINER) --build build/$(TRAINER)
 	@$(DVC) status --quiet --with-deps push@$(TRAINER) >/dev/null 2>&1 || echo "note: the build of $(TRAINER) is out of date (dvc status --with-deps push@$(TRAINER)); the plan is for what is built now"
 else
-	@cp -p build/$(TRAINER)/push.json $(VENV)/.push-before.json 2>/dev/null || rm -f $(VENV)/.push-before.json
-	$(PY) -m stages.repro --trainer $(TRAINER)
-ifdef FORCE
-	@if cmp -s build/$(TRAINER)/push.json $(VENV)/.push-before.json; then \
-	  echo "FORCE=1: push@$(TRAINER) was up to date; re-planning against the target"; \
-	  $(DVC) repro --force --single-item push@$(TRAINER); fi
-endif
+	@before=$$(cat build/$(TRAINER)/push.json 2>/dev/null || true); \
+	  echo "$(PY) -m stages.repro --trainer $(TRAINER)"; $(PY) -m stages.repro --trainer $(TRAINER); \
+	  if [ -n "$(FORCE)" ] && [ "$$before" = "$$(cat build/$(TRAINER)/push.json 2>/dev/null)" ]; then \
+	    echo "FORCE=1: push@$(TRAINER) was up to date; re-planning against the target"; \
+	    $(DVC) repro --force --single-item push@$(TRAINER); fi
 endif
 
 share: venv  ## upload every output and the run-cache to the DVC remote (dvc push --run-cache)
