@@ -15,7 +15,10 @@ Writes: ``--out`` = ``build/<trainer>/gguf/``, exactly what is published:
         and ``--plot-data`` (the DVC plot of size vs KL divergence).
 
 Rendered text is parsed back and checked before anything is written; the
-folder appears whole or not at all.
+folder appears whole or not at all.  Of params and the lineage only listed keys
+are published (stages/release/privacy.py, stages/release/lineage.py); a secret in
+one of them, or a path, user or host name of this machine anywhere in the
+folder (GGUF metadata included), stops the stage before the folder appears.
 """
 
 from __future__ import annotations

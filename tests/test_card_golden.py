@@ -67,13 +67,16 @@ CHAT_TEMPLATE = (
 ROWS = {"Q4_K_M": 100, "Q5_K_M": 120, "Q8_0": 190}
 
 
-def write_gguf(path: Path, level: str) -> None:
-    """A tiny GGUF carrying the chat metadata of a SmolLM2 conversion (deterministic bytes)."""
+def write_gguf(path: Path, level: str, extra: dict[str, str] | None = None) -> None:
+    """A tiny GGUF carrying the chat metadata of a SmolLM2 conversion (deterministic bytes);
+    ``extra``: more string keys (tests of what the metadata may hold)."""
     import gguf
     import numpy as np
 
     writer = gguf.GGUFWriter(path, arch="llama")
     writer.add_name("SmolLM2-135M-Instruct-golden-sft")
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(list(TOKENS))
     writer.add_bos_token_id(1)

@@ -109,6 +109,7 @@ def test_base_model_relation_follows_what_the_repo_holds(fmt: str, relation: str
     ({"name": "HuggingFaceH4/no_robots"}, ["HuggingFaceH4/no_robots"]),
     ({"name": "data/sft.jsonl"}, []),
     ({"name": "/home/me/data/sft"}, []),
+    ({"path": "/home/me/data/sft.jsonl"}, []),
     ({"name": "sft"}, []),
     ({"hub_id": "not an id"}, []),
     ("pirates/sft-chat", ["pirates/sft-chat"]),
@@ -140,17 +141,24 @@ def _lineage(dataset: object):
 
 @pytest.mark.parametrize(("dataset", "row"), [
     ("sft.jsonl", "| Dataset | sft.jsonl (? examples) |"),
-    (None, "| Dataset | not recorded |"),
+    (None, None),  # no dataset recorded: no row
     ({"name": "sft.jsonl", "hub_id": "pirates/sft-chat", "examples": 81},
      "| Dataset | [sft.jsonl](https://huggingface.co/datasets/pirates/sft-chat) (81 examples) |"),
+    ({"path": "/home/alice/data/uf.jsonl", "examples": 3},
+     "| Dataset | uf.jsonl (3 examples) |"),  # a path lends only its file name
 ])
 def test_the_card_names_the_training_data_however_the_lineage_records_it(
-        tmp_path: Path, dataset: object, row: str) -> None:
+        tmp_path: Path, dataset: object, row: str | None) -> None:
     card = render(tmp_path, _lineage(dataset))["README.md"].decode()
-    assert f"\n{row}\n" in card
+    if row is None:
+        assert "| Dataset |" not in card
+    else:
+        assert f"\n{row}\n" in card
+    assert "/home/alice" not in card
     meta = card_metadata(card)
     assert hub_errors(meta) == []
-    assert meta.get("datasets") == (["pirates/sft-chat"] if isinstance(dataset, dict) else None)
+    assert meta.get("datasets") == (["pirates/sft-chat"] if isinstance(dataset, dict)
+                                    and "hub_id" in dataset else None)
 
 
 # --- files the Hub cannot take ----------------------------------------------------

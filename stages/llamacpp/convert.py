@@ -3,9 +3,10 @@
 The vendored ``convert_hf_to_gguf.py`` runs in a subprocess from its own tree,
 so it uses its own matching gguf-py.  GGUF metadata (general.name, license,
 tags, base model) comes from our params through its ``--metadata`` override
-file, never from folder names.  A trainer's ``chat_template`` / ``eos_token``
-overrides are applied before conversion: the script reads a folder of links to
-the merged model whose tokenizer files carry them (:func:`model_view`).
+file, never from folder names or the machine (:func:`gguf_metadata`).  A
+trainer's ``chat_template`` / ``eos_token`` overrides are applied before
+conversion: the script reads a folder of links to the merged model whose
+tokenizer files carry them (:func:`model_view`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 # weights plus a small header); ask for 10% more free disk to be safe.
 DISK_MARGIN = 1.10
 HUB = "https://huggingface.co"
+# general.* keys gguf-py would otherwise derive from the model folder: Metadata.load
+# (gguf-py/gguf/metadata.py, apply_metadata_heuristic) takes organization and version
+# from config.json's `_name_or_path` when it has at most one "/" (a relative folder such
+# as `alice/checkpoint-500` included) and from the folder's name.  A null in the override
+# file leaves them unset.  The rest it derives only from the model card, which is ours
+# (model_view), or from parameter counts (size_label).
+UNSET: tuple[str, ...] = ("general.organization", "general.version")
 # Where gguf-py's SpecialVocab reads the chat template and special tokens
 # (gguf-py/gguf/vocab.py, _try_load_from_tokenizer_json); tokenizer_config.json
 # wins over the other two.
@@ -46,7 +54,8 @@ class ConvertResult:
 
 
 def gguf_metadata(trainer: Trainer) -> dict:
-    """The metadata override that convert_hf_to_gguf.py applies (gguf-py keys)."""
+    """The metadata override that convert_hf_to_gguf.py applies (gguf-py keys): our params
+    only, and null for the keys it would derive from folder names (:data:`UNSET`)."""
     org, _, base_name = trainer.base_model.id.rpartition("/")
     base = {"name": base_name, "repo_url": f"{HUB}/{trainer.base_model.id}"}
     if org:
@@ -59,7 +68,7 @@ def gguf_metadata(trainer: Trainer) -> dict:
         "general.tags": list(trainer.tags),
         "general.base_models": [base],
         "general.quantized_by": "llm-release",
-    }
+    } | dict.fromkeys(UNSET)
 
 
 def model_bytes(model: Path) -> int:

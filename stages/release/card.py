@@ -6,7 +6,8 @@ over ``split_max_size`` is published as llama-gguf-split's shards
 ``README.md`` (Hugging Face model card with YAML front matter the Hub accepts and
 a quality table), ``quality.png``, ``Modelfile`` (Ollama) and ``manifest.json``.
 Rendered text is parsed back and checked before anything is written; the folder
-appears whole or not at all.
+appears whole or not at all, and only once nothing in it identifies the build
+machine or is a secret (:mod:`stages.release.privacy`).
 """
 
 
@@ -25,17 +26,31 @@ import yaml
 from stages.config.hub import HUB_FILE_LIMIT
 from stages.config.params import FormatRelease, Params, Trainer
 from stages.core import atomic
-from stages.core.errors import InputError, ReleaseError
+from stages.core.errors import ReleaseError
 from stages.core.preflight import human_size
 from stages.llamacpp.gguf_meta import read_chat_info
 from stages.llamacpp.split import plan_split, split_gguf
-from stages.release.hub_meta import check_front_matter, front_matter, lineage_datasets
+from stages.release.hub_meta import check_front_matter, front_matter
+from stages.release.lineage import (
+    LINEAGE_FILE,
+    Lineage,
+    card_context,
+    load_lineage,
+    publish_lineage,
+)
 from stages.release.manifest import (
     Artifact,
     artifact,
     check_manifest,
     render_manifest,
     tool_versions,
+)
+from stages.release.privacy import (
+    check_release,
+    leaves,
+    public_path,
+    publish_params,
+    this_machine,
 )
 from stages.release.quality import (
     Quality,
@@ -74,17 +89,6 @@ def load_records(quant_dir: Path, levels: list[str]) -> list[dict]:
                                "rerun its quantize stage")
         records.append(record)
     return records
-
-
-def load_lineage(path: Path) -> dict:
-    """training_lineage.json of the run (trainer, dataset, hyperparameters...)."""
-    if not path.is_file():
-        raise InputError(f"no training lineage at {path}; trainers write "
-                           "training_lineage.json beside final_model/")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
 
 
 def ollama_level(release: FormatRelease, records: list[dict]) -> str:
@@ -167,13 +171,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def published_params(params: Params, trainer: Trainer) -> dict:
-    """The params that shaped these artifacts, for the manifest."""
-    return {"trainer": params.raw["trainers"][trainer.key], "quantize": params.raw["quantize"],
-            "convert": {"outtype": params.convert_outtype}, "evaluate": params.raw["evaluate"],
-            "llama_cpp": {"version": params.llama_cpp_version}}
-
-
 def split_notes(files: list[dict]) -> list[dict]:
     """One note per split level: its shard count and first shard."""
     return [{"level": f["level"], "shards": f["shards"], "first": f["file"]}
@@ -188,10 +185,11 @@ def modelfile_license(trainer: Trainer) -> str:
 
 
 def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[dict],
-                  quant_dir: Path, lineage: dict, quality: Quality) -> list[Artifact]:
+                  quant_dir: Path, lineage: Lineage, params_keys: tuple[str, ...],
+                  quality: Quality) -> list[Artifact]:
     """Fill ``tmp`` with the GGUFs, README.md, quality.png and Modelfile; return artifacts."""
     env = environment()
-    env.filters.update(cell=table_cell, one_line=one_line)
+    env.filters.update(cell=table_cell, one_line=one_line, public_path=public_path)
     atomic.write_bytes(tmp / PLOT, render_plot(quality, f"{trainer.name}: size vs fidelity"))
     files, arts = place_ggufs(tmp=tmp, trainer=trainer, records=records, quant_dir=quant_dir,
                               llama_cpp_version=params.llama_cpp_version)
@@ -208,11 +206,11 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
                   "size": human_size(len(modelfile.encode())),
                   "sha256": hashlib.sha256(modelfile.encode()).hexdigest(),
                   "shard": None, "shards": None})
-    matter = front_matter(trainer, lineage, FORMAT)
+    matter = front_matter(trainer, lineage.fields, FORMAT)
     check_front_matter(matter, trainer_key=trainer.key)
     card = env.get_template("README.md.j2").render(
         front_matter=render_front_matter(matter), name=trainer.name,
-        base_model=trainer.base_model.id, lineage=lineage, datasets=lineage_datasets(lineage),
+        base_model=trainer.base_model.id, **card_context(lineage), params_keys=params_keys,
         files=files, splits=split_notes(files), split_max_size=release.split_max_size,
         fallbacks=[fb | {"level": r["level"]} for r in records for fb in r["fallbacks"]],
         default_file=default_file, ollama_name=ollama_name, quality=quality, plot=PLOT,
@@ -234,23 +232,32 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
         raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
     records = load_records(quant_dir, list(params.levels))
     check_hub_limit(trainer, records)
-    lineage = load_lineage(trainer.run_dir / "training_lineage.json")
+    source = trainer.run_dir / LINEAGE_FILE
+    lineage = publish_lineage(load_lineage(source), source=source)
+    published = publish_params(params, trainer.key)
     quality = load_quality(eval_dir, records, trainer.key)
     root = manifest.parent
     if out.parent.resolve() != root.resolve():
         raise ReleaseError(f"--out {out} must sit in the manifest's folder {root}")
     with atomic.output_dir(out) as tmp:
         arts = write_release(tmp=tmp, trainer=trainer, params=params, records=records,
-                             quant_dir=quant_dir, lineage=lineage, quality=quality)
+                             quant_dir=quant_dir, lineage=lineage, params_keys=published.keys,
+                             quality=quality)
         arts = [replace(a, path=f"{out.name}/{a.path.split('/', 1)[1]}") for a in arts]
         text = render_manifest(trainer=trainer.key, name=trainer.name, artifacts=arts,
-                               lineage=lineage, params=published_params(params, trainer),
+                               lineage=lineage.published, params=published.data,
+                               published_keys={"params": list(published.keys),
+                                               "lineage": list(lineage.shown)},
                                tools=tool_versions(params.llama_cpp_version))
         staged = {**json.loads(text)}
         staged["artifacts"] = [{**a, "path": a["path"].replace(out.name, tmp.name, 1)}
                                for a in staged["artifacts"]]
         check_manifest(json.dumps(staged), root)
         atomic.write_text(tmp / "manifest.json", text)
+        # A name the trainer's params publish on purpose (a Hub namespace that is also the
+        # user's login) is not the machine giving itself away.
+        allowed = [value for _, value in leaves(published.data) if isinstance(value, str)]
+        check_release(tmp, this_machine(allowed=allowed), trainer_key=trainer.key)
     atomic.write_text(manifest, text)
     atomic.write_text(plot_data, json.dumps(plot_points(quality), indent=2) + "\n")
     log.info("wrote %s (%d files) and %s", out, len(arts), manifest)

@@ -16,6 +16,7 @@ from typing import Any
 from stages.config.hub import license_problem
 from stages.config.params import Trainer
 from stages.core.errors import ReleaseError
+from stages.release.privacy import file_name
 
 PIPELINE_TAG = "text-generation"
 # base_model_relation by published format.  The Hub docs (huggingface.co/docs/hub/
@@ -65,7 +66,8 @@ def is_dataset_id(value: Any) -> bool:
 
 def lineage_datasets(lineage: dict) -> list[dict]:
     """The lineage's ``dataset`` (a mapping, a name, a list of either, or absent) as
-    ``{name, hub_id, examples, sha256}`` entries; ``hub_id`` only when it is a Hub id."""
+    ``{name, hub_id, examples, sha256}`` entries; ``hub_id`` only when it is a Hub id.
+    A dataset named only by its path is named by the file (a path is never published)."""
     raw = lineage.get("dataset")
     items = raw if isinstance(raw, list) else [] if raw is None else [raw]
     found = []
@@ -73,7 +75,8 @@ def lineage_datasets(lineage: dict) -> list[dict]:
         entry = {"name": item} if isinstance(item, str) else item
         if not isinstance(entry, dict):
             continue
-        name = entry.get("name") or entry.get("hub_id") or entry.get("path")
+        path = entry.get("path")
+        name = entry.get("name") or entry.get("hub_id") or (file_name(str(path)) if path else None)
         hub_id = entry.get("hub_id") or entry.get("name")
         if name:
             found.append({"name": str(name), "hub_id": hub_id if is_dataset_id(hub_id) else None,

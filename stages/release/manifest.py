@@ -1,5 +1,6 @@
-"""The release manifest: every artifact with its size and hash, the lineage,
-the params used and the tool versions.
+"""The release manifest: every artifact with its size and hash (paths relative to
+``build/<trainer>/``), the published lineage and params with the list of their
+keys, and the tool versions.
 
 Rendered from ``templates/manifest.json.j2`` (every value through ``tojson``),
 then parsed back and checked before it is written: every listed file must
@@ -64,12 +65,15 @@ def tool_versions(llama_cpp_version: str) -> dict[str, str]:
 
 
 def render_manifest(*, trainer: str, name: str, artifacts: list[Artifact], lineage: dict,
-                    params: dict, tools: dict[str, str]) -> str:
-    """Render the manifest JSON text from its template."""
+                    params: dict, published_keys: dict[str, list[str]],
+                    tools: dict[str, str]) -> str:
+    """Render the manifest JSON text from its template.  ``lineage`` and ``params`` are
+    what :mod:`stages.release.lineage` and :mod:`stages.release.privacy` publish of them,
+    ``published_keys`` says which keys those are."""
     template = environment().get_template("manifest.json.j2")
     return template.render(schema=SCHEMA, trainer=trainer, name=name,
                            artifacts=[asdict(a) for a in artifacts], lineage=lineage,
-                           params=params, tools=tools)
+                           params=params, published_keys=published_keys, tools=tools)
 
 
 def check_manifest(text: str, root: Path) -> dict:
@@ -78,7 +82,7 @@ def check_manifest(text: str, root: Path) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReleaseError(f"rendered manifest is not valid JSON: {exc}") from None
-    for key in ("schema", "trainer", "artifacts", "lineage", "params", "tools"):
+    for key in ("schema", "trainer", "artifacts", "lineage", "params", "published_keys", "tools"):
         if key not in data:
             raise ReleaseError(f"rendered manifest lacks `{key}`; check templates/manifest.json.j2")
     for entry in data["artifacts"]:
