@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 # (llama.cpp): any test that needs one, directly or through another fixture, is slow.
 SLOW_FIXTURES: frozenset[str] = frozenset({"smollm2_base", "demo_runs", "built_repo"})
 
+# `make test` runs pytest from make: without this, every `make` a test runs would be a
+# sub-make (MAKELEVEL=1) printing "make[1]: Entering directory", which users never see.
+for _var in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
+    os.environ.pop(_var, None)
 # The pipeline is offline by design; make the tests prove it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
