@@ -32,6 +32,7 @@ from stages.config.params import Params, Trainer, load_params
 from stages.core import atomic
 from stages.core.cli import run_stage, stage_parser
 from stages.core.errors import ReleaseError
+from stages.core.preflight import check_disk
 from stages.fidelity.hf_checks import (
     AdapterResult,
     ChatCheck,
@@ -43,9 +44,9 @@ from stages.fidelity.hf_checks import (
     load_prompts,
     load_tokenizer,
 )
-from stages.fidelity.llama_checks import read_base_logits, save_base_logits
+from stages.fidelity.llama_checks import base_logits_bytes, read_base_logits, save_base_logits
 from stages.llamacpp import tools as llamacpp
-from stages.llamacpp.gguf_meta import read_chat_info
+from stages.llamacpp.gguf_meta import read_chat_info, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def run(*, params: Params, trainer_key: str, gguf: Path, merged: Path, logits: P
     for path, stage in ((gguf, "convert"), (merged / "config.json", "merge")):
         if not path.is_file():
             raise ReleaseError(f"{path} not found; run the {stage} stage first")
+    check_disk(logits, base_logits_bytes(n_vocab=vocab_size(gguf), ctx=ev.ctx, chunks=ev.chunks))
     start = time.monotonic()
     tok = load_tokenizer(merged, chat_template=trainer.chat_template, eos_token=trainer.eos_token)
     info = read_chat_info(gguf)

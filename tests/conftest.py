@@ -12,11 +12,11 @@ The ``slow`` mark follows the need, so it cannot be forgotten: a test whose
 fixture closure (``item.fixturenames``, fixtures of fixtures included) holds
 one of ``SLOW_FIXTURES`` is marked ``slow`` at collection
 (:func:`pytest_collection_modifyitems`).  Those are the fixtures that build
-the real model, train, or run the pipeline (the only way a test reaches the
-llama.cpp tools); a fixture built on them (``smol_merges``, ``clone``,
-``tokenizer``) is slow through them.  A test needing the real model or
-llama.cpp must get it through one of these fixtures, never by itself.  Do not
-mark modules ``slow`` by hand: their pure tests belong in the fast tier.
+the real model, train, run the pipeline, or hand out the llama.cpp tools
+(``llama_tools``, the only other way a test reaches them); a fixture built on
+them (``smol_merges``, ``clone``, ``tokenizer``) is slow through them.  A test
+needing the real model or llama.cpp must get it through one of these fixtures,
+never by itself.  Do not mark modules ``slow`` by hand: their pure tests belong in the fast tier.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from tests.pipeline import copy_repo, repro
 REPO = Path(__file__).resolve().parent.parent
 # Fixtures that build SmolLM2, train the demo runs or run the whole pipeline
 # (llama.cpp): any test that needs one, directly or through another fixture, is slow.
-SLOW_FIXTURES: frozenset[str] = frozenset({"smollm2_base", "demo_runs", "built_repo"})
+SLOW_FIXTURES: frozenset[str] = frozenset({"smollm2_base", "demo_runs", "built_repo",
+                                           "llama_tools"})
 
 # `make test` runs pytest from make: without this, every `make` a test runs would be a
 # sub-make (MAKELEVEL=1) printing "make[1]: Entering directory", which users never see.
@@ -55,6 +56,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def repo_root() -> Path:
     """The repository under test."""
     return REPO
+
+
+@pytest.fixture(scope="session")
+def llama_tools() -> str:
+    """The pinned llama.cpp version, its tools built (``make test`` builds them first)."""
+    from stages.config.params import load_params
+    from stages.llamacpp.tools import is_built
+
+    version = load_params(REPO / "params.yaml").llama_cpp_version
+    assert is_built(version), f"llama.cpp {version} is not built; run `make tools`"
+    return version
 
 
 @pytest.fixture(scope="session")

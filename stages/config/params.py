@@ -42,8 +42,9 @@ from stages.config.evaluate import EvalSettings
 from stages.config.hub import HUB_FILE_LIMIT, LICENSE_NAME, license_problem
 from stages.core.errors import ParamsError, ReleaseError
 
-# Levels llama-quantize accepts, from tools/quantize/quantize.cpp
-# (QUANT_OPTIONS, llama-cpp-python 0.3.36).
+# Levels llama-quantize accepts, from tools/quantize/quantize.cpp (QUANT_OPTIONS,
+# llama-cpp-python 0.3.36; tests/test_bad_input.py compares), less COPY: it copies
+# the input unchanged, which is no release level.
 QUANT_LEVELS: frozenset[str] = frozenset(
     "Q1_0 Q2_0 Q4_0 Q4_1 MXFP4_MOE Q5_0 Q5_1 IQ2_XXS IQ2_XS IQ2_S IQ2_M IQ1_S IQ1_M "
     "TQ1_0 TQ2_0 Q2_K Q2_K_S IQ3_XXS IQ3_S IQ3_M Q3_K IQ3_XS Q3_K_S Q3_K_M Q3_K_L "

@@ -105,6 +105,12 @@ class BaseLogits:
         return quant * head[:, :1] + head[:, 1:2]
 
 
+def base_logits_bytes(*, n_vocab: int, ctx: int, chunks: int) -> int:
+    """Size of a ``--kl-divergence-base`` file (its layout above): for the disk preflight."""
+    scored = ctx - 1 - ctx // 2
+    return 20 + 4 * ctx * chunks + 2 * chunks * scored * (2 * ((n_vocab + 1) // 2) + 4)
+
+
 def save_base_logits(*, tool: Path, gguf: Path, text: Path, ctx: int, chunks: int,
                      out: Path) -> float:
     """Write ``out`` (base log-probs of ``gguf`` on ``text``); return its perplexity.

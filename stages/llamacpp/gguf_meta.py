@@ -37,8 +37,16 @@ def open_reader(path: Path):
 
     try:
         return GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ReleaseError(f"{path} is not a readable GGUF file: {exc}") from None
+    except FileNotFoundError:
+        raise ReleaseError(f"{path} not found") from None
+    except Exception as exc:  # noqa: BLE001 - gguf-py fails on damaged bytes in many ways
+        raise ReleaseError(f"{path} is not a readable GGUF file ({type(exc).__name__}: "
+                           f"{exc}): it is truncated or damaged") from None
+
+
+def vocab_size(path: Path) -> int:
+    """Number of tokens in the GGUF's vocabulary (the logits' width)."""
+    return len(_scalar(open_reader(path), "tokenizer.ggml.tokens") or [])
 
 
 def chat_info(reader) -> ChatInfo:

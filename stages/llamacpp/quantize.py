@@ -16,9 +16,10 @@ from pathlib import Path
 
 from stages.config.params import QuantLevel
 from stages.core import atomic
-from stages.core.errors import InputError, ToolError
+from stages.core.errors import InputError, ReleaseError, ToolError
 from stages.core.hashing import sha256_file
 from stages.core.preflight import check_disk, threads
+from stages.llamacpp.gguf_meta import open_reader
 from stages.llamacpp.tools import run_tool, tool_path
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,20 @@ def quantize_gguf(*, source: Path, out: Path, level: QuantLevel,
         raise InputError(f"input GGUF {source} not found; run the convert stage first")
     tool = tool_path("llama-quantize", llama_cpp_version)
     check_disk(out, source.stat().st_size)
+    try:
+        open_reader(source)  # the header: a damaged file fails here, in one line
+    except ReleaseError as exc:
+        raise InputError(f"{exc}; rebuild it with its convert stage "
+                         "(dvc repro --force convert@<trainer>)") from None
     with atomic.output_file(out) as tmp:
         cmd = [str(tool), *level.quantize_args(), str(source), str(tmp), level.name,
                str(threads())]
         log.info("quantizing %s to %s", source.name, level.name)
         result = run_tool(cmd, progress=TENSOR_PROGRESS, desc=level.name)
         if result.returncode != 0:
-            raise ToolError(f"llama-quantize failed (exit {result.returncode}) for "
-                               f"{level.name}:\n{result.tail()}")
+            raise ToolError(f"llama-quantize failed (exit {result.returncode}) on {source} for "
+                            f"{level.name}; if that GGUF is damaged, rebuild it with its convert "
+                            f"stage (dvc repro --force convert@<trainer>):\n{result.tail()}")
     fallbacks = parse_fallbacks(result.output)
     for fb in fallbacks:
         log.warning("%s: %d tensors used %s instead of %s (rows not a multiple of %d)",

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.core.errors import ToolError
+from stages.core.process import dies_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def tool_path(name: str, version: str) -> Path:
     if not path.is_file():
         raise ToolError(
             f"llama.cpp tool {name} for version {version} is missing at {path}; "
-            "run `make tools` (or `python -m stages.llamacpp`) to build it"
+            "run `make tools` (or `python -m stages.tools`) to build it"
         )
     return path
 
@@ -149,7 +150,7 @@ def run_tool(cmd: list[str], *, progress: re.Pattern[str] | None = None,
     lines: list[str] = []
     bar = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as proc:
+                          errors="replace", **dies_with_parent()) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
@@ -170,7 +171,7 @@ def run_captured(cmd: list[str], what: str) -> tuple[str, str]:
     apart from its log on stderr; both, or a ToolError with the tail of the log."""
     log.debug("$ %s", " ".join(cmd))
     res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         errors="replace")
+                         errors="replace", **dies_with_parent())
     if res.returncode != 0:
         tail = ToolRun(returncode=res.returncode, output=res.stdout + res.stderr).tail(12)
         raise ToolError(f"{what} failed (exit {res.returncode}):\n{tail}")

@@ -60,7 +60,7 @@ from stages.release.quality import (
     render_plot,
     table_cell,
 )
-from stages.release.templates import environment
+from stages.release.templates import environment, render
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
     default_file = f"{trainer.name}-{level}.gguf"
     chat = read_chat_info(tmp / default_file)
     ollama_name = trainer.name.lower()
-    modelfile = env.get_template("Modelfile.j2").render(
+    modelfile = render("Modelfile.j2",
         name=trainer.name, level=level, gguf_file=default_file, ollama_name=ollama_name,
         stops=chat.stop_strings, license=modelfile_license(trainer))
     atomic.write_text(tmp / "Modelfile", modelfile)
@@ -208,7 +208,7 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
                   "shard": None, "shards": None})
     matter = front_matter(trainer, lineage.fields, FORMAT)
     check_front_matter(matter, trainer_key=trainer.key)
-    card = env.get_template("README.md.j2").render(
+    card = render("README.md.j2",
         front_matter=render_front_matter(matter), name=trainer.name,
         base_model=trainer.base_model.id, **card_context(lineage), params_keys=params_keys,
         files=files, splits=split_notes(files), split_max_size=release.split_max_size,

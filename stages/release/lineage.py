@@ -98,7 +98,10 @@ def load_lineage(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
+        raise InputError(f"{path} is not valid JSON ({exc}); fix or rewrite the file the "
+                         "trainer wrote (a JSON object; `{}` publishes no lineage)") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}; fix its permissions") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} holds a JSON {type(data).__name__} ({json.dumps(data)[:40]}), "
                          "not an object; a lineage is an object such as "

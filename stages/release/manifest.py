@@ -18,7 +18,7 @@ from pathlib import Path
 from stages.core.errors import ReleaseError
 from stages.core.hashing import sha256_file
 from stages.llamacpp import tools as llamacpp
-from stages.release.templates import environment
+from stages.release.templates import render
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def render_manifest(*, trainer: str, name: str, artifacts: list[Artifact], linea
     """Render the manifest JSON text from its template.  ``lineage`` and ``params`` are
     what :mod:`stages.release.lineage` and :mod:`stages.release.privacy` publish of them,
     ``published_keys`` says which keys those are."""
-    template = environment().get_template("manifest.json.j2")
-    return template.render(schema=SCHEMA, trainer=trainer, name=name,
+    return render("manifest.json.j2", schema=SCHEMA, trainer=trainer, name=name,
                            artifacts=[asdict(a) for a in artifacts], lineage=lineage,
                            params=params, published_keys=published_keys, tools=tools)
 

@@ -112,9 +112,20 @@ def resolve_base(name: str | None) -> Path:
 def read_base_config(base: Path) -> dict:
     """The base's config.json; a quantized base is refused."""
     path = base / "config.json"
+    where = "--base or the trainer's `base_model.path` in params.yaml"
+    if not base.is_dir():
+        raise InputError(f"base model folder {base} does not exist; point {where} at the "
+                         "folder of the 16-bit base model")
     if not path.is_file():
-        raise InputError(f"base model folder {base} has no config.json; is --base right?")
-    config = json.loads(path.read_text())
+        raise InputError(f"base model folder {base} has no config.json (a Hugging Face model "
+                         f"folder has one); point {where} at the whole model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not readable JSON ({exc}); copy the base model's "
+                         "config.json again") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a JSON object; copy the base model's config.json again")
     quant = config.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant

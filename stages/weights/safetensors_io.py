@@ -105,11 +105,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = fh.read(HEADER_LEN.size)
             size = HEADER_LEN.unpack(raw)[0] if len(raw) == HEADER_LEN.size else -1
             if not 0 < size <= MAX_HEADER_BYTES:
-                raise ReleaseError(f"{path} is not a safetensors file (header length {size})")
+                raise ReleaseError(f"{path} is not a safetensors file (header length {size}); "
+                                   "copy or download it again")
             header = json.loads(fh.read(size))
             file_size = os.fstat(fh.fileno()).st_size
+    except FileNotFoundError:
+        raise ReleaseError(f"{path} is missing (a dangling link or a shard not copied); "
+                           "copy or download the model's files again") from None
+    except PermissionError:
+        raise ReleaseError(f"{path} is not readable by this user; fix its permissions "
+                           f"(chmod a+r {path.name})") from None
     except (OSError, ValueError) as exc:
-        raise ReleaseError(f"cannot read safetensors header of {path}: {exc}") from None
+        raise ReleaseError(f"cannot read the safetensors header of {path} ({exc}): the file is "
+                           "corrupt or truncated; copy or download it again") from None
     metadata = header.pop("__metadata__", None) or {}
     start = HEADER_LEN.size + size
     tensors: dict[str, TensorInfo] = {}
@@ -117,9 +125,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         begin, end = entry["data_offsets"]
         info = TensorInfo(name=name, dtype=entry["dtype"], shape=tuple(entry["shape"]),
                           path=path, offset=start + begin, nbytes=end - begin)
-        if info.dtype not in DTYPE_SIZES or info.nbytes != info.numel * DTYPE_SIZES[info.dtype] \
-                or start + end > file_size:
-            raise ReleaseError(f"{path}: tensor `{name}` has a broken header entry {entry}")
+        if start + end > file_size:
+            raise ReleaseError(f"{path} is truncated: it holds {file_size} bytes, tensor `{name}` "
+                               f"ends at byte {start + end}; copy or download it again")
+        if info.dtype not in DTYPE_SIZES or info.nbytes != info.numel * DTYPE_SIZES[info.dtype]:
+            raise ReleaseError(f"{path}: tensor `{name}` has a broken header entry {entry}; "
+                               "the file is corrupt, copy or download it again")
         tensors[name] = info
     return tensors, metadata
 
