@@ -53,3 +53,50 @@ def test_write_text_is_complete_or_absent(tmp_path: Path) -> None:
     atomic.write_text(path, '{"a": 1}\n')
     assert path.read_text() == '{"a": 1}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """A SIGKILLed writer cannot clean up: the next write of the same target does."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)  # a process that has ended
+    out = tmp_path / "merged"
+    left = [tmp_path / f".merged.{pid}.x1y2z3.tmp", tmp_path / f".merged.{pid}.old",
+            tmp_path / f".merged.{pid}.tmp"]
+    left[0].mkdir()
+    (left[0] / "model.safetensors").write_bytes(b"half")
+    left[1].mkdir()
+    left[2].write_text("half")
+    alive = tmp_path / f".merged.{os.getppid()}.a1.tmp"  # a running writer's: kept
+    alive.mkdir()
+    other = tmp_path / f".merged2.{pid}.tmp"  # another target's: not ours to remove
+    other.write_text("x")
+    with atomic.output_dir(out) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", alive.name, other.name])
+    atomic.write_text(tmp_path / "merged2", "done")
+    assert not other.exists()
+
+
+def test_sweep_tree_removes_dead_writers_leftovers_anywhere(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True, check=True).stdout)
+    deep = tmp_path / "build/sft/work/quant"
+    deep.mkdir(parents=True)
+    dead = [deep / f".Q4_K_M.gguf.{pid}.tmp", tmp_path / f"build/sft/.gguf.{pid}.ab12.tmp"]
+    dead[0].write_text("half")
+    dead[1].mkdir()
+    (dead[1] / "README.md").write_text("half")
+    kept = [deep / "Q4_K_M.gguf", deep / f".Q8_0.gguf.{os.getpid()}.tmp", deep / ".hidden"]
+    for path in kept:
+        path.write_text("x")
+    assert sorted(atomic.sweep_tree(tmp_path / "build")) == sorted(dead)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in dead)

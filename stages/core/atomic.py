@@ -1,17 +1,24 @@
 """Atomic writes: a temp file or folder beside the target, renamed into place.
 
 A killed stage therefore leaves either the old output or nothing, never a half
-written file that DVC could record.
+written file that DVC could record.  Temp names carry the writer's pid
+(``.<name>.<pid>.<random>.tmp``, ``.<name>.<pid>.old``): the next write of the
+same target removes those of writers that are no longer running (a SIGKILLed
+stage cannot clean up after itself; a merge's leftover is the size of a model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -22,10 +29,64 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep(path: Path) -> list[Path]:
+    """Remove the temp files and folders that dead writers of ``path`` left beside it."""
+    if not path.parent.is_dir():
+        return []
+    stale = re.compile(rf"^\.{re.escape(path.name)}\.(?P<pid>\d+)(\.[^.]+)?\.(tmp|old)$")
+    removed = []
+    for entry in path.parent.iterdir():
+        m = stale.match(entry.name)
+        if m and not _alive(int(m["pid"])):
+            remove(entry)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d leftover temp file(s) of an interrupted run: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(\.[^.]+)?\.(tmp|old)$")
+
+
+def sweep_tree(root: Path) -> list[Path]:
+    """Remove, anywhere under ``root``, what dead writers left (for ``make demo``: a stage
+    that DVC restores from its run-cache does not run, so cannot sweep for itself)."""
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            m = LEFTOVER.match(name)
+            if m and not _alive(int(m["pid"])):
+                remove(Path(dirpath) / name)
+                removed.append(Path(dirpath) / name)
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in removed]
+    if removed:
+        log.info("removed %d leftover temp file(s) of interrupted runs under %s", len(removed),
+                 root)
+    return removed
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -61,6 +122,7 @@ def output_file(path: Path) -> Iterator[Path]:
     path, and only a complete file ever appears under the final name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     remove(tmp)
     try:
@@ -85,7 +147,8 @@ def output_dir(path: Path, *, sync: bool = True) -> Iterator[Path]:
     writeback in flight (0.5-3 s measured after a 6 GB merge).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp

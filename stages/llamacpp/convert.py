@@ -25,6 +25,7 @@ from stages.config.params import Trainer
 from stages.core import atomic
 from stages.core.errors import InputError, ReleaseError, ToolError
 from stages.core.preflight import check_disk
+from stages.core.process import dies_with_parent
 from stages.llamacpp.tools import source_dir
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def convert_to_gguf(*, model: Path, out: Path, trainer: Trainer, outtype: str,
         cmd = [sys.executable, str(script), str(source), "--outfile", str(tmp),
                "--outtype", outtype, "--metadata", str(meta)]
         log.info("converting %s to %s GGUF", model, outtype)
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, **dies_with_parent())
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise ToolError(

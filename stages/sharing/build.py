@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.core.atomic import sweep_tree
 from stages.sharing.dvc import check_dvc, run_dvc, stage_inputs, stages_to_run
 from stages.sharing.remote import RemoteState, probe
 
@@ -46,9 +47,17 @@ class BuildResult:
     pulled: tuple[str, ...] = ()
 
 
+def sweep_leftovers(root: Path) -> None:
+    """Temp files of killed runs under build/ and published/ (see atomic.sweep_tree)."""
+    for folder in ("build", "published"):
+        if (root / folder).is_dir():
+            sweep_tree(root / folder)
+
+
 def build_all(root: Path, targets: tuple[str, ...] = ()) -> BuildResult:
     """``targets`` (default: every stage, ``make demo``): pull what the remote has, build
     the rest; then the push stages among them, which a pulled dvc.lock would skip."""
+    sweep_leftovers(root)
     remote = probe(root)
     if not remote.usable:
         log.warning(remote.notice())
@@ -64,6 +73,7 @@ def build_all(root: Path, targets: tuple[str, ...] = ()) -> BuildResult:
 def build_for_push(root: Path, trainer: str) -> BuildResult:
     """What ``push@<trainer>`` needs, then the push (``make push TRAINER=<trainer>``)."""
     stage = f"push@{trainer}"
+    sweep_leftovers(root)
     remote = probe(root)
     if not remote.usable:
         log.warning(remote.notice())

@@ -1,0 +1,223 @@
+"""A stage killed with SIGKILL at any moment leaves nothing DVC could record, and
+the next ``dvc repro`` completes with the same bytes as a clean run.
+
+Each case runs ``dvc repro --force --single-item <stage>`` in a copy of the
+built demo repo (sharing its DVC cache), waits for an observable event (the
+temporary output appears, it has grown, the final name appears), and SIGKILLs
+the stage's own process (``python -m stages.<name>``; the llama.cpp tools it
+started die with it).  Then: nothing half-written under a final name, no tool
+left running, and ``dvc repro <stage>`` gives the clean run's outputs (the
+built repo's, compared by dvc.lock hashes or bytes; fields that are times by
+nature excepted) and removes the killed run's temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.pipeline import copy_repo, run
+
+REPO = Path(__file__).resolve().parent.parent
+TIME_FIELDS = {"seconds", "pushed_at"}
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-completion", "llama-gguf-split",
+         "convert_hf_to_gguf.py")
+
+
+@pytest.fixture(scope="module")
+def kill_repo(built_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_repo(REPO, tmp_path_factory.mktemp("interrupt") / "repo", cache_from=built_repo)
+
+
+def temps(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes (``.<name>.<pid>...tmp`` / ``.old``) under ``folder``."""
+    return [p for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+def stage_process(repo: Path, module: str) -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = proc.info["cmdline"] or []
+        if f"stages.{module}" in cmd and proc.info["cwd"] == str(repo):
+            return proc
+    return None
+
+
+def tools_running(repo: Path) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cwd"] == str(repo) and any(tool in cmd for tool in TOOLS):
+            found.append(cmd)
+    return found
+
+
+def kill_at(repo: Path, stage: str, module: str, event: Callable[[], bool],
+            timeout: float = 240) -> bool:
+    """Run ``stage``; SIGKILL its process as soon as ``event()`` holds.
+
+    Returns whether the kill landed while the stage ran (False: it had finished).
+    """
+    dvc = subprocess.Popen([str(repo / ".venv/bin/dvc"), "repro", "--force", "--single-item",
+                            stage], cwd=repo, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    proc = None
+    try:
+        while time.monotonic() < deadline and dvc.poll() is None:
+            proc = proc or stage_process(repo, module)
+            if proc is not None and event():
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    break
+                dvc.wait(60)
+                assert dvc.returncode != 0, f"{stage}: DVC recorded a killed stage"
+                return True
+            time.sleep(0.005)
+        assert dvc.poll() is not None, f"{stage}: the event never happened"
+        return False
+    finally:
+        if dvc.poll() is None:
+            dvc.kill()
+            dvc.wait()
+
+
+def lock_outs(repo: Path, stage: str) -> dict[str, str]:
+    """``path -> md5`` of a stage's outputs in dvc.lock."""
+    entry = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {o["path"]: o.get("md5", "") for o in entry.get("outs", [])}
+
+
+def without_times(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if k not in TIME_FIELDS}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+def same_output(repo: Path, clean: Path, rel: str) -> bool:
+    """``rel`` in ``repo`` equals the clean run's (JSON: apart from time fields)."""
+    ours, theirs = repo / rel, clean / rel
+    if theirs.is_dir():
+        return sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir()) \
+            and all(same_output(repo, clean, f"{rel}/{p.name}") for p in theirs.iterdir())
+    if rel.endswith(".json"):
+        return without_times(json.loads(ours.read_text())) == \
+            without_times(json.loads(theirs.read_text()))
+    return ours.read_bytes() == theirs.read_bytes()
+
+
+def check_recovers(repo: Path, clean: Path, stage: str, outs: list[str]) -> None:
+    """No tool left running; ``dvc repro`` completes with the clean run's outputs."""
+    assert not tools_running(repo), tools_running(repo)
+    # Run for real, as after a first run killed (--force: whatever the kill left; no
+    # restore from the run-cache, which would not run the stage, nor show its bytes).
+    run([str(repo / ".venv/bin/dvc"), "repro", "--force", "--no-run-cache", "--single-item",
+         stage], cwd=repo)
+    assert not temps(repo / "build") and not temps(repo / "published"), \
+        temps(repo / "build") + temps(repo / "published")
+    for rel in outs:
+        assert same_output(repo, clean, rel), f"{stage}: {rel} differs from the clean run"
+    mine, theirs = lock_outs(repo, stage), lock_outs(clean, stage)
+    for path, md5 in theirs.items():
+        if not path.endswith(".json"):  # JSON compared above, apart from its time fields
+            assert mine[path] == md5, f"{stage}: {path} differs from the clean run"
+
+
+def grown(path_glob: Callable[[], list[Path]], size: int) -> Callable[[], bool]:
+    def event() -> bool:
+        return any(p.is_file() and p.stat().st_size >= size for p in path_glob())
+    return event
+
+
+def appears(path: Path) -> Callable[[], bool]:
+    return lambda: path.exists()
+
+
+def temp_of(path: Path) -> Callable[[], list[Path]]:
+    return lambda: list(path.parent.glob(f".{path.name}.*tmp"))
+
+
+def temp_appears(path: Path) -> Callable[[], bool]:
+    return lambda: bool(temp_of(path)())
+
+
+def final_or_absent(repo: Path, clean: Path, rel: str) -> None:
+    """A final-named output after the kill is absent, or complete and correct.
+
+    A push target is a mirror that a push updates file by file (manifest last):
+    there each file present must be whole and right.
+    """
+    if rel.startswith("published/") and (repo / rel).is_dir():
+        for path in (repo / rel).iterdir():
+            if not path.name.startswith("."):
+                assert same_output(repo, clean, f"{rel}/{path.name}"), f"{path} is not whole"
+    elif (repo / rel).exists():
+        assert same_output(repo, clean, rel), f"{rel} exists after the kill but is not complete"
+
+
+CASES = {
+    # stage: (module, outputs to compare, {kill point: event maker})
+    "convert@sft": ("convert", ["build/sft/work/full.gguf"], {
+        "temp appears": lambda r: temp_appears(r / "build/sft/work/full.gguf"),
+        "temp has grown": lambda r: grown(temp_of(r / "build/sft/work/full.gguf"), 50 << 20),
+        "final name appears": lambda r: appears(r / "build/sft/work/full.gguf"),
+    }),
+    "quantize@sft-Q4_K_M": ("quantize", ["build/sft/work/quant/Q4_K_M.gguf",
+                                         "build/sft/work/quant/Q4_K_M.json"], {
+        "temp appears": lambda r: temp_appears(r / "build/sft/work/quant/Q4_K_M.gguf"),
+        "temp has grown": lambda r: grown(temp_of(r / "build/sft/work/quant/Q4_K_M.gguf"),
+                                          20 << 20),
+        "GGUF final, record not yet": lambda r: appears(r / "build/sft/work/quant/Q4_K_M.gguf"),
+    }),
+    "reference@sft": ("reference", ["build/sft/work/reference.kld",
+                                    "build/sft/work/eval/reference.json"], {
+        "logits temp appears": lambda r: temp_appears(r / "build/sft/work/reference.kld"),
+        "logits final, record not yet": lambda r: appears(r / "build/sft/work/reference.kld"),
+    }),
+    "evaluate@sft-Q4_K_M": ("evaluate", ["build/sft/work/eval/Q4_K_M.json",
+                                         "build/sft/work/eval/Q4_K_M.details.json"], {
+        "llama-perplexity running": lambda r: lambda: any("llama-perplexity" in c
+                                                          for c in tools_running(r)),
+        "details final, figures not yet": lambda r: appears(
+            r / "build/sft/work/eval/Q4_K_M.details.json"),
+    }),
+    "card@sft": ("card", ["build/sft/gguf", "build/sft/manifest.json"], {
+        "folder temp appears": lambda r: temp_appears(r / "build/sft/gguf"),
+        "card written in the temp": lambda r: lambda: any(
+            (t / "README.md").exists() for t in temp_of(r / "build/sft/gguf")()),
+        "folder final, manifest not yet": lambda r: appears(r / "build/sft/gguf"),
+    }),
+    "push@sft": ("push", ["published/sft/gguf"], {
+        "a GGUF half copied": lambda r: lambda: any(
+            p.stat().st_size > 10 << 20 for p in (r / "published/sft/gguf").glob(".*.tmp")
+            if p.is_file()),
+        "manifest not yet": lambda r: lambda: (r / "published/sft/gguf").is_dir() and len(
+            list((r / "published/sft/gguf").glob("*.gguf"))) >= 3,
+    }),
+}
+
+
+@pytest.mark.parametrize("stage", list(CASES))
+def test_sigkill_then_repro_gives_the_clean_outputs(stage: str, kill_repo: Path,
+                                                    built_repo: Path) -> None:
+    module, outs, points = CASES[stage]
+    landed = []
+    for point, make_event in points.items():
+        if module == "push":  # a push copies only what the target lacks
+            shutil.rmtree(kill_repo / "published/sft/gguf", ignore_errors=True)
+        if kill_at(kill_repo, stage, module, make_event(kill_repo)):
+            landed.append(point)
+        for rel in outs:
+            final_or_absent(kill_repo, built_repo, rel)
+        check_recovers(kill_repo, built_repo, stage, outs)
+    assert landed, f"{stage}: no kill point landed while the stage ran"
