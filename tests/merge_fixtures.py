@@ -1,4 +1,4 @@
-"""Builders for the merge tests: real peft adapters, a pico Llama, float64 references.
+"""Builders for the merge tests: real peft adapters, pico models, float64 references.
 
 Plain functions (the fixtures that call them live in the test modules), so the
 expensive SmolLM2 adapters can be built once per session.  The reference merge
@@ -41,7 +41,7 @@ def randomise(model: torch.nn.Module, seed: int, *, std: float = 0.02) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name or "lora_A" in name:
+            if "lora_A" in name or "lora_B" in name or "lora_embedding_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
             elif "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.1 * torch.rand(param.shape, generator=gen))
@@ -49,9 +49,9 @@ def randomise(model: torch.nn.Module, seed: int, *, std: float = 0.02) -> None:
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * std)
 
 
-def build_peft_adapter(base: Path, out: Path, config, *, seed: int = 0,
+def build_peft_adapter(base: Path, out: Path, config, *, seed: int = 0, std: float = 0.02,
                        resize: int | None = None, tokenizer: bool = False) -> Path:
-    """A real adapter: peft.get_peft_model on ``base``, randomised, saved."""
+    """A real adapter: peft.get_peft_model on ``base``, randomised (``std``), saved."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +59,7 @@ def build_peft_adapter(base: Path, out: Path, config, *, seed: int = 0,
     if resize:
         model.resize_token_embeddings(resize, mean_resizing=False)
     peft_model = get_peft_model(model, config)
-    randomise(peft_model, seed)
+    randomise(peft_model, seed, std=std)
     peft_model.save_pretrained(out)
     if tokenizer:
         tok = AutoTokenizer.from_pretrained(base)
@@ -96,6 +96,35 @@ def build_pico(out: Path, *, seed: int = 0, tied: bool = True, hidden: int = 16,
         for param in model.parameters():
             param.normal_(0, 0.5)
     model.save_pretrained(out, max_shard_size=shard)
+    return out
+
+
+# Tied families whose embedding is not Llama's: config class, its arguments, the
+# input embedding's tensor name.  Tied by their config classes' default.
+PICO_FAMILIES = {
+    "gpt2": ("GPT2Config", dict(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=64,
+                                bos_token_id=1, eos_token_id=2), "transformer.wte.weight"),
+    "opt": ("OPTConfig", dict(hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                              num_attention_heads=2, vocab_size=64, word_embed_proj_dim=16,
+                              max_position_embeddings=64), "model.decoder.embed_tokens.weight"),
+    "bloom": ("BloomConfig", dict(hidden_size=16, n_layer=2, n_head=2, vocab_size=64),
+              "transformer.word_embeddings.weight"),
+}
+
+
+def build_pico_family(out: Path, family: str, *, seed: int = 0) -> Path:
+    """A two-layer model of ``family`` (PICO_FAMILIES), tied, saved bf16."""
+    import transformers
+
+    config_class, kwargs, _ = PICO_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    assert model.config.tie_word_embeddings
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    model.save_pretrained(out)
     return out
 
 
@@ -143,21 +172,28 @@ def _merged_lora(w: torch.Tensor, found: dict, module: str, scale: float,
     return weight, bound
 
 
-def reference_merge(base: Path, adapter: Path) -> tuple[dict, set[str], dict]:
+def reference_merge(base: Path, adapter: Path, *, embed: str = EMBED, head: str = LM_HEAD,
+                    conv1d: set[str] | None = None) -> tuple[dict, set[str], dict]:
     """The exact merged model in float64 (whole tensors, peft's formulas).
 
     Also returns the names of the tensors the adapter changes, and for merged
     tensors the worst-case error of computing them in fp32 (Higham's bound
     γ_n·(|W| + s·|B|@|A|), n = r + 4, ×(row length) more for DoRA's norm): an
     fp32 merge may round to the other neighbour only within that distance.
+
+    ``embed`` / ``head``: the input embedding and output head; a base without
+    ``head`` is tied, and its merged head is the original embedding unless the
+    adapter changes it (peft wraps only the layer it targets).  ``conv1d``: the
+    modules stored in×out (GPT-2's Conv1D), which peft transposes whatever the
+    saved ``fan_in_fan_out`` says (it transposes no nn.Linear); None: as saved.
     """
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     found = {_normal(k): v.double() for k, v in
              load_file(adapter / "adapter_model.safetensors").items()}
     ref = {k: v.double() for k, v in load_model_tensors(base).items()}
-    tied = LM_HEAD not in ref
+    tied = head not in ref
     if tied:
-        ref[LM_HEAD] = ref[EMBED].clone()
+        ref[head] = ref[embed].clone()
     changed, bounds = set(), {}
     for key, value in found.items():
         if ".original_module." in key or ".lora_" in key:
@@ -170,14 +206,15 @@ def reference_merge(base: Path, adapter: Path) -> tuple[dict, set[str], dict]:
     for key in [k for k in found if k.endswith((".lora_A.weight", ".lora_embedding_A"))]:
         module = key.rsplit(".lora_", 1)[0]
         scale = _scale(cfg, module)
+        fan_in_fan_out = cfg.get("fan_in_fan_out", False) if conv1d is None else module in conv1d
         ref[f"{module}.weight"], bounds[f"{module}.weight"] = _merged_lora(
-            ref[f"{module}.weight"], found, module, scale, cfg.get("fan_in_fan_out", False))
+            ref[f"{module}.weight"], found, module, scale, fan_in_fan_out)
         changed.add(f"{module}.weight")
         if f"{module}.lora_B.bias" in found:
             ref[f"{module}.bias"] = ref[f"{module}.bias"] + scale * found[f"{module}.lora_B.bias"]
             changed.add(f"{module}.bias")
-    if tied and not {EMBED, LM_HEAD} & changed:
-        del ref[LM_HEAD]
+    if tied and not {embed, head} & changed:
+        del ref[head]
     return ref, changed, bounds
 
 

@@ -3,7 +3,8 @@
 SmolLM2-135M with real peft adapters: every merged tensor is within rounding of
 the float64 merge and at least as close to it as peft's merge_and_unload;
 untouched tensors are byte-identical; the result loads and generates.  A pico
-Llama covers the edge cases: DoRA, patterns, bias, ties, prefixes, errors.
+Llama covers the edge cases: DoRA, patterns, bias, ties, prefixes, errors; pico
+GPT-2, OPT and Bloom the ties of embeddings not named like Llama's.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from tests.merge_fixtures import (
     EMBED,
     LM_HEAD,
     NEW_TEMPLATE,
+    PICO_FAMILIES,
     build_peft_adapter,
     build_pico,
+    build_pico_family,
     load_model_tensors,
     peft_merged,
     raw_bytes,
@@ -299,6 +302,162 @@ def test_pico_tied_head_follows_the_resized_original(picos: dict, tmp_path: Path
     assert result.untied and result.vocab_size == 72
     assert raw_bytes(ours[EMBED]) == raw_bytes(trained)
     assert raw_bytes(ours[LM_HEAD]) == raw_bytes(original)
+
+
+# --- tied embeddings not named like Llama's: pico GPT-2, OPT, Bloom -------------
+
+# One side of a tied embedding trained (LoRA or modules_to_save).  peft wraps only the
+# layer it targets, so the adapter's model computes the other side with the original
+# weight: the exact merge is untied, the untouched side the base's embedding.
+TIED_FAMILY_CASES = {
+    "gpt2_lora_wte": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"])),
+    # nn.Linear and Conv1D targets: peft saves fan_in_fan_out=False, yet transposes c_proj
+    "gpt2_lora_lm_head_and_conv1d": ("gpt2", dict(r=4, lora_alpha=8,
+                                                  target_modules=["lm_head", "c_proj"])),
+    "gpt2_save_lm_head": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                       modules_to_save=["lm_head"])),
+    "gpt2_save_wte": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_fc"],
+                                   modules_to_save=["wte"])),
+    "opt_lora_embed_tokens": ("opt", dict(r=4, lora_alpha=8,
+                                          target_modules=["embed_tokens", "q_proj"])),
+    "opt_save_lm_head": ("opt", dict(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                     modules_to_save=["lm_head"])),
+    "bloom_lora_word_embeddings": ("bloom", dict(r=4, lora_alpha=8, target_modules=[
+        "word_embeddings", "query_key_value"])),
+}
+TOKEN_IDS = [[1, 5, 9, 30, 2, 63, 17]]
+
+
+@pytest.fixture(scope="module")
+def pico_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_pico_family(root / name, name, seed=10 + i)
+            for i, name in enumerate(PICO_FAMILIES)}
+
+
+def _peft_untied_merge(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """peft's merge_and_unload in float64, into ``base`` untied first (its head a copy of
+    the embedding): into the tied base, a LoRA of the embedding would move the head too
+    (one weight), which the adapter's model never computed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64,
+                                                 tie_word_embeddings=False)
+    embedding = model.get_input_embeddings().weight.detach()
+    model.get_output_embeddings().weight = torch.nn.Parameter(embedding.clone())
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(TOKEN_IDS)).logits
+
+
+@pytest.mark.parametrize("case", list(TIED_FAMILY_CASES))
+def test_tied_families_untie_exactly(case: str, pico_families: dict, tmp_path: Path) -> None:
+    """The merged model is untied (its own head, tie_word_embeddings false); every tensor
+    is peft's float64 merge of the untied base rounded once to bf16, or the base's bytes;
+    it loads and computes what peft's unmerged model computes.  (The merge used to keep
+    the tie and write no head, the head becoming the merged embedding, or to refuse a
+    head the base has no tensor for with "is the base model right?".)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    family, config = TIED_FAMILY_CASES[case]
+    base, embed = pico_families[family], PICO_FAMILIES[family][2]
+    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(**config), seed=11, std=0.1)
+    result = merge.merge_adapter(base=base, adapter=adapter, out=tmp_path / "out")
+    config_out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert result.untied and config_out["tie_word_embeddings"] is False
+    ours, before = load_model_tensors(tmp_path / "out"), load_model_tensors(base)
+    assert LM_HEAD in ours and LM_HEAD not in before
+
+    unmerged = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    conv1d = {name for name, module in unmerged.named_modules() if isinstance(module, Conv1D)}
+    ref, changed, bounds = reference_merge(base, adapter, embed=embed, conv1d=conv1d)
+    theirs = _peft_untied_merge(base, adapter)
+    assert sorted(ours) == sorted(ref) == sorted(theirs)
+    assert len({embed, LM_HEAD} & changed) == 1
+    for name, exact in ref.items():
+        assert (exact - theirs[name]).abs().max().item() < 1e-12, f"{name}: reference != peft"
+        if name in changed:
+            excess, _ = rounding_error(ours[name], exact, bounds.get(name, 0.0))
+            assert excess == 0, f"{name} is {excess:.3g} half-steps off the rounded exact merge"
+        else:  # the untouched side of the tie is the original embedding
+            assert raw_bytes(ours[name]) == raw_bytes(before.get(name, before[embed])), name
+
+    truth = _logits(PeftModel.from_pretrained(unmerged, adapter))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert (_logits(merged) - truth).abs().max().item() < 1e-2
+    # the tie kept (the head one weight with the embedding) is another model
+    merged.get_output_embeddings().weight = merged.get_input_embeddings().weight
+    assert (_logits(merged) - truth).abs().max().item() > 0.1
+
+
+def test_gpt2_checkpoint_of_the_bare_model(pico_families: dict, tmp_path: Path) -> None:
+    """GPT-2's own checkpoints (openai-community/gpt2) hold GPT2Model's tensors, `wte.weight`
+    without `transformer.`: the adapter's names still resolve, the untied head is added as
+    `lm_head.weight`, and transformers loads the same model as from a full checkpoint."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = pico_families["gpt2"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(base / "config.json", bare / "config.json")
+    save_file({k.removeprefix("transformer."): v for k, v in load_model_tensors(base).items()},
+              bare / "model.safetensors", metadata={"format": "pt"})
+    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(
+        r=4, lora_alpha=8, target_modules=["wte", "c_attn"]), seed=12, std=0.1)
+    merge.merge_adapter(base=base, adapter=adapter, out=tmp_path / "full")
+    result = merge.merge_adapter(base=bare, adapter=adapter, out=tmp_path / "out")
+    ours, full = load_model_tensors(tmp_path / "out"), load_model_tensors(tmp_path / "full")
+    assert result.untied and "wte.weight" in ours and LM_HEAD in ours
+    assert {k: raw_bytes(v) for k, v in ours.items()} == {
+        k.removeprefix("transformer."): raw_bytes(v) for k, v in full.items()}
+    loaded = [AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict()
+              for n in ("out", "full")]
+    assert loaded[0].keys() == loaded[1].keys()
+    assert all(torch.equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
+
+
+def test_tie_of_an_unknown_architecture_is_refused(pico_families: dict, tmp_path: Path) -> None:
+    """A model transformers cannot build (say, remote code): whether its embedding is tied,
+    and to what, cannot be read, so an adapter changing a vocabulary-sized tensor is
+    refused naming that; an adapter that leaves them alone merges."""
+    base = tmp_path / "base"
+    shutil.copytree(pico_families["gpt2"], base)
+    config = json.loads((base / "config.json").read_text())
+    config |= {"model_type": "gpt2-remote", "architectures": ["Gpt2RemoteForCausalLM"]}
+    del config["tie_word_embeddings"]
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = build_peft_adapter(pico_families["gpt2"], tmp_path / "a", LoraConfig(
+        r=4, lora_alpha=8, target_modules=["wte", "c_attn"]), seed=13)
+    message = _error(base, adapter, tmp_path / "out")
+    assert "`transformer.wte.weight`" in message and "`gpt2-remote`" in message
+    assert "tied" in message and "is the base" not in message
+    adapter = build_peft_adapter(pico_families["gpt2"], tmp_path / "b", LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"]), seed=13)
+    assert not merge.merge_adapter(base=base, adapter=adapter, out=tmp_path / "out").untied
+
+
+def test_embedding_tied_to_more_than_the_head_is_refused(tmp_path: Path) -> None:
+    """T5 shares its embedding with the encoder, the decoder and the head; untying that
+    takes more than tie_word_embeddings, so a change to it is refused, saying so."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                        vocab_size=64)).save_pretrained(tmp_path / "t5")
+    gen = torch.Generator().manual_seed(14)
+    adapter = write_adapter(tmp_path / "a", {"r": 2, "lora_alpha": 4}, {
+        "base_model.model.shared.lora_embedding_A": torch.randn(2, 64, generator=gen),
+        "base_model.model.shared.lora_embedding_B": torch.randn(16, 2, generator=gen)})
+    message = _error(tmp_path / "t5", adapter, tmp_path / "out")
+    assert "`shared.weight`" in message and "`encoder.embed_tokens.weight`" in message
+    assert "not supported" in message
 
 
 def _error(base: Path | None, adapter: Path, out: Path) -> str:

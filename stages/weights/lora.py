@@ -5,7 +5,9 @@ as peft, Unsloth and TRL save it, plans every output tensor of the merged
 model from the base's shard headers, and says, per tensor, what the merge
 does: copy it, replace it, or merge a LoRA into it.  No torch here: a plan's
 errors show before torch is imported (2-4 s), and the merge imports it while
-it copies the untouched tensors.  The arithmetic is in stages/lora_math.py.
+it copies the untouched tensors.  The arithmetic is in stages/lora_math.py;
+which tensors are the input embedding and output head, and whether they are
+tied, is a :class:`Layout` (read from the model itself by stages/weights/layout.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stages.core.errors import ReleaseError
@@ -45,6 +47,8 @@ FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 # merge and write of an 8192x3072 bf16 tensor, best of 12: 45 ms at 2**19,
 # 57 ms at 2**20, 69 ms at 2**18 (AMD EPYC, bench/ 3B shapes).
 CHUNK_ELEMENTS = 2**19
+# Llama's names: the layout assumed when transformers cannot build the model
+# (stages/weights/layout.py) or the adapter leaves embedding and head alone.
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -60,11 +64,48 @@ class LoraModule:
     transposed: bool
     bias: TensorInfo | None = None
     magnitude: TensorInfo | None = None
+    embedding: bool = False
 
     def expected_shape(self) -> tuple[int, int]:
         """The base weight shape that B@A (or its transpose) fits."""
         out, inp = self.b.shape[0], self.a.shape[1]
         return (inp, out) if self.transposed else (out, inp)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The base's input embedding and output head: their tensor names, and their tie.
+
+    ``embed`` / ``head``: tensor names as the base's shards spell them (a tied
+    head missing from the shards keeps the model's own name, e.g. ``lm_head.weight``).
+    ``tied``: the head computes with the embedding's weight (transformers ties them
+    on load).  ``shared``: further tensors tied to the embedding (T5's encoder and
+    decoder copies).  ``prefix``: the base model's attribute (``model``,
+    ``transformer``), which checkpoints saved from the bare base model leave off.
+    ``conv1d`` / ``linear``: modules whose weights are stored in×out (GPT-2's
+    Conv1D) or out×in (nn.Linear); peft transposes by the layer's type whatever
+    the saved ``fan_in_fan_out``.  ``model``: where this came from, for messages;
+    ``unknown``: why it is a guess (transformers could not build the model).
+    """
+
+    embed: str | None = None
+    head: str | None = None
+    tied: bool = False
+    shared: tuple[str, ...] = ()
+    prefix: str = "model"
+    conv1d: frozenset[str] = frozenset()
+    linear: frozenset[str] = frozenset()
+    model: str = "the base model"
+    unknown: str | None = None
+
+    def module_kind(self, module: str) -> str | None:
+        """``conv1d``, ``linear`` or None (not known) for an adapter's module name."""
+        for name in _candidates(module, self.prefix):
+            if name in self.conv1d:
+                return "conv1d"
+            if name in self.linear:
+                return "linear"
+        return None
 
 
 @dataclass(frozen=True)
@@ -166,7 +207,7 @@ def _lora_module(config: dict, module: str, parts: dict[str, TensorInfo]) -> Lor
     magnitude = parts.get("lora_magnitude_vector") or parts.get("lora_magnitude_vector.weight")
     return LoraModule(module=module, a=a, b=b, scale=module_scale(config, module, a.shape[0]),
                       transposed=embedding or bool(config.get("fan_in_fan_out")),
-                      bias=parts.get("lora_B.bias"), magnitude=magnitude)
+                      bias=parts.get("lora_B.bias"), magnitude=magnitude, embedding=embedding)
 
 
 def load_adapter(folder: Path) -> Adapter:
@@ -203,26 +244,49 @@ def load_adapter(folder: Path) -> Adapter:
                    base_layers=base_layers)
 
 
-def resolve(name: str, names: dict[str, TensorInfo]) -> str | None:
-    """The base tensor an adapter name means, with or without a ``model.`` prefix."""
-    candidates = (name, f"model.{name}", name.removeprefix("model."))
-    return next((c for c in candidates if c in names), None)
+def _candidates(name: str, prefix: str = "model") -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c for p in dict.fromkeys(("model", prefix))
+                               for c in (name, f"{p}.{name}", name.removeprefix(f"{p}."))))
 
 
-def _fits(name: str, new: TensorInfo, base: TensorInfo) -> None:
+def resolve(name: str, names: dict[str, TensorInfo], prefix: str = "model") -> str | None:
+    """The base tensor an adapter name means, with or without the base model's prefix
+    (``model.``; GPT-2's ``transformer.``, which checkpoints of the bare model leave off)."""
+    return next((c for c in _candidates(name, prefix) if c in names), None)
+
+
+def _missing(what: str, layout: Layout) -> str:
+    """An error for a tensor the base lacks: a wrong base, or a layout we could not read."""
+    if layout.unknown:
+        return (f"{what}, and which of its tensors are the input embedding and the output head "
+                f"(a tied head has no tensor of its own) cannot be told: {layout.unknown}")
+    return f"{what}; is the base model right?"
+
+
+def _fits(name: str, new: TensorInfo, base: TensorInfo, layout: Layout) -> None:
     """A whole tensor replaces a base one: same shape, or more vocabulary rows."""
-    resized = name in (EMBED, LM_HEAD) and len(new.shape) == 2 and new.shape[1:] == base.shape[1:]
-    if new.shape != base.shape and not resized:
-        raise ReleaseError(f"adapter tensor `{new.name}` is {new.shape_text()} but base tensor "
-                           f"`{name}` is {base.shape_text()}; is the base model right?")
+    more_rows = len(new.shape) == 2 and new.shape[1:] == base.shape[1:]
+    if new.shape == base.shape or (more_rows and name in (layout.embed, layout.head)):
+        return
+    what = (f"adapter tensor `{new.name}` is {new.shape_text()} but base tensor `{name}` is "
+            f"{base.shape_text()}")
+    raise ReleaseError(_missing(what, layout) if more_rows else f"{what}; is the base model right?")
 
 
-def _lora_target(module: LoraModule, sources: dict[str, TensorInfo]) -> str:
-    weight = resolve(f"{module.module}.weight", sources)
+def _laid_out(module: LoraModule, layout: Layout) -> LoraModule:
+    """The module transposed as peft computes it: by its layer's type where the model
+    says (Conv1D: yes, nn.Linear: no), else by the saved ``fan_in_fan_out``."""
+    kind = None if module.embedding else layout.module_kind(module.module)
+    return module if kind is None else replace(module, transposed=kind == "conv1d")
+
+
+def _lora_target(module: LoraModule, sources: dict[str, TensorInfo], layout: Layout) -> str:
+    weight = resolve(f"{module.module}.weight", sources, layout.prefix)
     want = "×".join(map(str, module.expected_shape()))
     if weight is None:
-        raise ReleaseError(f"adapter targets `{module.module}` but the base has no tensor "
-                           f"`{module.module}.weight` (adapter expects {want}); is the base right?")
+        raise ReleaseError(_missing(f"adapter targets `{module.module}` but the base has no "
+                                    f"tensor `{module.module}.weight` (adapter expects {want})",
+                                    layout))
     base = sources[weight]
     if base.shape != module.expected_shape():
         raise ReleaseError(
@@ -239,51 +303,72 @@ def _lora_target(module: LoraModule, sources: dict[str, TensorInfo]) -> str:
     return weight
 
 
-def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, *, tied: bool) -> MergePlan:
+def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, layout: Layout) -> MergePlan:
     """Every output tensor, checked against the base before anything is written.
 
-    ``tied``: the base shares embed_tokens with lm_head.  The tie is kept when
-    the adapter changes neither; otherwise both are written (untouched side
-    copied from the base), as the trained model computed them.
+    A tied base (``layout.tied``) computes its output head with the input
+    embedding's weight.  The tie is kept when the adapter changes neither;
+    otherwise both are written (the untouched side copied from the base), as the
+    adapter's model computed them: peft wraps only the layer it targets, so a
+    LoRA or ``modules_to_save`` copy of the embedding leaves the head on the
+    original weight, and one of the head leaves the embedding on it.
     """
+    embed, head = layout.embed, layout.head
+    tied = layout.tied and embed in base and head is not None
     sources = dict(base)
-    if tied and LM_HEAD not in base and EMBED in base:
-        sources[LM_HEAD] = base[EMBED]
+    if tied and head not in base:
+        sources[head] = base[embed]
     dtypes = {name: info.dtype for name, info in sources.items()}
     changed: dict[str, OutTensor] = {}
     for param, info in adapter.base_layers.items():
-        name = resolve(param, sources)
+        name = resolve(param, sources, layout.prefix)
         if name is not None and info.shape != sources[name].shape:
-            _fits(name, info, sources[name])
+            _fits(name, info, sources[name], layout)
             sources[name] = info
             changed[name] = OutTensor(name, dtypes[name], info.shape, info)
-    if sources.get(LM_HEAD) is base.get(EMBED) is not None:
-        sources[LM_HEAD] = sources[EMBED]  # a tied head shares the resized embedding
+    if tied and sources[head] is base[embed]:
+        sources[head] = sources[embed]  # a tied head shares the resized embedding
     for param, info in adapter.tensors.items():
-        name = resolve(param, sources)
+        name = resolve(param, sources, layout.prefix)
         if name is None:
-            raise ReleaseError(f"adapter carries tensor `{info.name}` ({info.shape_text()}) but "
-                               f"the base has no tensor `{param}`; is the base model right?")
-        _fits(name, info, sources[name])
+            raise ReleaseError(_missing(f"adapter carries tensor `{info.name}` "
+                                        f"({info.shape_text()}) but the base has no tensor "
+                                        f"`{param}`", layout))
+        _fits(name, info, sources[name], layout)
         sources[name] = info  # a LoRA on this layer applies to the adapter's copy
         changed[name] = OutTensor(name, dtypes[name], info.shape, info)
     for module in adapter.modules.values():
-        weight = _lora_target(module, sources)
+        module = _laid_out(module, layout)
+        weight = _lora_target(module, sources, layout)
         changed[weight] = OutTensor(weight, dtypes[weight], sources[weight].shape,
                                     sources[weight], lora=module)
         if module.bias is not None:
-            bias = _bias_out(module, sources, dtypes)
+            bias = _bias_out(module, sources, dtypes, layout)
             changed[bias.name] = bias
-    untied = tied and bool({EMBED, LM_HEAD} & changed.keys())
-    names = sorted(base) + ([LM_HEAD] if untied and LM_HEAD not in base else [])
+    _check_shared(layout, changed, tied=tied)
+    untied = tied and bool({embed, head} & changed.keys())
+    names = sorted(base) + ([head] if untied and head not in base else [])
     tensors = [changed.get(n) or OutTensor(n, dtypes[n], sources[n].shape, sources[n])
                for n in names]
-    return MergePlan(tensors=tensors, untied=untied, vocab_size=_vocab(tensors, base))
+    return MergePlan(tensors=tensors, untied=untied, vocab_size=_vocab(tensors, base, layout))
+
+
+def _check_shared(layout: Layout, changed: dict[str, OutTensor], *, tied: bool) -> None:
+    """Refuse to change a weight tied to more than an output head: untying those takes
+    more than ``tie_word_embeddings`` (T5's encoder and decoder share the embedding)."""
+    group = {layout.embed, *layout.shared} | ({layout.head} if tied else set())
+    hit = sorted(group & changed.keys())
+    if layout.shared and hit:
+        others = ", ".join(f"`{n}`" for n in sorted(group - {layout.embed}))
+        raise ReleaseError(
+            f"the adapter changes `{hit[0]}`, but in {layout.model} the input embedding "
+            f"`{layout.embed}` is one weight with {others}; merging into an embedding tied to "
+            "more than the output head is not supported, merge the adapter with peft instead")
 
 
 def _bias_out(module: LoraModule, sources: dict[str, TensorInfo],
-              dtypes: dict[str, str]) -> OutTensor:
-    name = resolve(f"{module.module}.bias", sources)
+              dtypes: dict[str, str], layout: Layout) -> OutTensor:
+    name = resolve(f"{module.module}.bias", sources, layout.prefix)
     if name is None:
         raise ReleaseError(f"adapter has a LoRA bias for `{module.module}` (lora_bias=True) but "
                            "the base layer has no bias, so it cannot be merged")
@@ -294,11 +379,11 @@ def _bias_out(module: LoraModule, sources: dict[str, TensorInfo],
     return OutTensor(name, dtypes[name], src.shape, src, lora_bias=module)
 
 
-def _vocab(tensors: list[OutTensor], base: dict[str, TensorInfo]) -> int | None:
-    rows = {t.name: t.shape[0] for t in tensors if t.name in (EMBED, LM_HEAD)}
+def _vocab(tensors: list[OutTensor], base: dict[str, TensorInfo], layout: Layout) -> int | None:
+    rows = {t.name: t.shape[0] for t in tensors if t.name in (layout.embed, layout.head)}
     if len(set(rows.values())) > 1:
         raise ReleaseError(f"merged vocabulary sizes disagree: {rows}; the adapter resized only "
-                           "one of embed_tokens / lm_head")
+                           "one of the input embedding and the output head")
     before = {base[n].shape[0] for n in rows if n in base}
     new = next(iter(rows.values()), None)
     return new if new is not None and new not in before else None

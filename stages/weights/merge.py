@@ -36,10 +36,9 @@ from stages.core.cli import progress_enabled
 from stages.core.errors import InputError, ReleaseError
 from stages.core.preflight import check_disk_and_ram
 from stages.core.preflight import threads as cpu_threads
+from stages.weights.layout import model_layout
 from stages.weights.lora import (
     CHUNK_ELEMENTS,
-    EMBED,
-    LM_HEAD,
     MergePlan,
     OutTensor,
     load_adapter,
@@ -149,10 +148,19 @@ def side_files(base: Path, adapter: Path) -> dict[str, Path]:
 
 
 def merged_config(config: dict, plan: MergePlan) -> dict:
-    """config.json of the merged model."""
+    """config.json of the merged model.
+
+    An untied model says ``tie_word_embeddings: false`` explicitly: left out, it
+    means the architecture's default, which is True for GPT-2, Bloom, Falcon, OPT.
+    """
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     config |= {"vocab_size": plan.vocab_size} if plan.vocab_size is not None else {}
-    return config | ({"tie_word_embeddings": False} if plan.untied else {})
+    if not plan.untied:
+        return config
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        config["text_config"] = text | {"tie_word_embeddings": False}
+    return config | {"tie_word_embeddings": False}
 
 
 def _preflight(plan: MergePlan, files: dict[str, Path], out: Path, shards: int,
@@ -299,8 +307,7 @@ def merge_adapter(*, base: Path | None, adapter: Path, out: Path,
     base = base or resolve_base(lora.config.get("base_model_name_or_path"))
     config = read_base_config(base)
     tensors = model_tensors(base)
-    tied = bool(config.get("tie_word_embeddings")) or (LM_HEAD not in tensors and EMBED in tensors)
-    plan = plan_merge(tensors, lora, tied=tied)
+    plan = plan_merge(tensors, lora, model_layout(base, config, tensors, lora))
     files = side_files(base, adapter)
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     _preflight(plan, files, out, len(plan_shards(specs, shard_cap)), threads)
