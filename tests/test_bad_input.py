@@ -264,7 +264,7 @@ def test_card_names_the_template_line_that_does_not_render(bad_repo: Path) -> No
     before = listing(bad_repo / "build")
     try:
         lines = original.splitlines()
-        lines.insert(5, "{{ lineage.steps.count }}")  # an attribute this lineage lacks
+        lines.insert(5, "{{ files.steps }}")  # an attribute the card's file list lacks
         template.write_text("\n".join(lines) + "\n")
         line = error_line(run_cli(stage_args(bad_repo, "card@sft"), cwd=bad_repo))
         assert "templates/README.md.j2, line 6" in line and "steps" in line, line
