@@ -81,6 +81,26 @@ def peft_merged(base: Path, adapter: Path, *, resize: int | None = None) -> dict
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
+# Adapter variants on the pico Llamas (test_merge.py, test_adapter_check.py): which
+# pico (tied, untied, bias) and the LoraConfig arguments.
+PICO_VARIANTS = {
+    "dora": ("untied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                            use_dora=True)),
+    "patterns": ("untied", dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                rank_pattern={r"layers\.1\.mlp\.up_proj": 2, "o_proj": 3},
+                                alpha_pattern={"k_proj": 5})),
+    "rslora_lm_head": ("untied", dict(r=4, lora_alpha=7, use_rslora=True,
+                                      target_modules=["lm_head", "gate_proj"])),
+    "lora_bias": ("bias", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"],
+                               lora_bias=True)),
+    "bias_all": ("bias", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all")),
+    "embed_lora_tied": ("tied", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "lm_head_lora_tied": ("tied", dict(r=4, lora_alpha=8, target_modules=["lm_head"])),
+    "save_embed_tied": ("tied", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                     modules_to_save=["embed_tokens"])),
+}
+
+
 def build_pico(out: Path, *, seed: int = 0, tied: bool = True, hidden: int = 16,
                vocab: int = 64, bias: bool = False, shard: str = "8KB") -> Path:
     """A two-layer Llama with a tiny hidden size, saved bf16 in several shards."""

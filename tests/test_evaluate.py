@@ -67,7 +67,14 @@ def test_reference_checks_pass_with_their_figures(built_repo: Path, trainer: str
     assert conv["tokens"] == conv["chunks"] * 127  # the second half of each chunk, less one
     assert conv["kld_mean"] < conv["max_kld"] and conv["top1_pct"] > 95
     assert abs(conv["ppl_hf"] / conv["ppl_gguf"] - 1) < 0.02
-    assert ref["adapter"]["kld_mean"] > ref["adapter"]["min_kld"]
+    merge = ref["adapter_merge"]  # the demo: LoRA on every linear layer
+    assert merge["tensors"] == merge["lora_merged"] + merge["replaced"] + merge["copied"]
+    assert merge["lora_merged"] > 0 and merge["copied"] > 0
+    assert merge["dtype"] == "BF16" and merge["merged_elements"] > 10**7
+    # rounded once from fp32: all but a few values are the nearest bf16 to peft's exact merge
+    assert merge["not_nearest"] + merge["fp32_bound"] < merge["merged_elements"] * 1e-4
+    # the adapter's effect: information for the card (no threshold), but the demo's is large
+    assert ref["adapter"]["kld_mean"] > 0 and "min_kld" not in ref["adapter"]
     assert ref["adapter"]["answers_differ"] > 0
     assert "Paris" in ref["adapter"]["example_base"]
     assert ref["chat"]["eos_token"] == ref["chat"]["turn_end"] == "<|im_end|>"
@@ -95,7 +102,8 @@ def test_card_shows_quality_table_and_plot(built_repo: Path, trainer: str) -> No
         assert f"{m['kld_mean']:.4f}" in row and "stopped after" in row
     assert "Q8_0 is the closest to the full-precision model" in card
     assert "**Conversion**: the merged Hugging Face" in card
-    assert "**Adapter effect**" in card and "BOS is not doubled" in card
+    assert "**Adapter effect** (information; no threshold)" in card
+    assert "**Adapter merge**: each of the" in card and "BOS is not doubled" in card
     png = (folder / "quality.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -162,7 +170,7 @@ def test_broken_chat_template_fails_and_is_never_pushed(clone: Path) -> None:
             for p in (clone / "published/sft/gguf").iterdir()} == published
 
 
-def test_adapter_with_zeroed_lora_b_fails_the_adapter_effect_check(clone: Path) -> None:
+def test_adapter_with_zeroed_lora_b_fails_the_adapter_check(clone: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     run_dir = clone / "zeroed"
@@ -175,8 +183,23 @@ def test_adapter_with_zeroed_lora_b_fails_the_adapter_effect_check(clone: Path) 
     set_param(clone, "trainers.sft.adapter", "zeroed/final_model")
     res = run([str(clone / ".venv/bin/dvc"), "repro", "reference@sft"], cwd=clone, check=False)
     assert res.returncode != 0, res.stdout[-2000:]
-    assert "adapter effect of trainer sft" in res.stderr
-    assert "below evaluate.adapter.min_kld" in res.stderr and "Traceback" not in res.stderr
+    assert "error: the adapter is untrained: every lora_B of its" in res.stderr
+    assert "zeroed/final_model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_merged_files_of_another_adapter_fail_the_adapter_check(built_repo: Path,
+                                                                tmp_path: Path) -> None:
+    """kto's merged files checked as sft's: the first LoRA target named, nothing written."""
+    out, logits = tmp_path / "eval" / "reference.json", tmp_path / "reference.kld"
+    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
+               "--gguf", "build/sft/work/full.gguf", "--merged", "build/kto/work/merged",
+               "--logits", str(logits), "--out", str(out)], cwd=built_repo, check=False)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: merged tensor `model.layers.0."), last
+    assert "is not this adapter applied to this base" in last
+    assert "Rerun `dvc repro merge@sft`" in last and "Traceback" not in res.stderr
+    assert not out.exists() and not logits.exists()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from tests.merge_fixtures import (
     LM_HEAD,
     NEW_TEMPLATE,
     PICO_FAMILIES,
+    PICO_VARIANTS,
     build_peft_adapter,
     build_pico,
     build_pico_family,
@@ -192,24 +193,6 @@ def merge_and_check(base: Path, adapter: Path, out: Path, **kwargs) -> merge.Mer
         excess, _ = rounding_error(ours[name], ref[name], bounds.get(name, 0.0))
         assert excess == 0, f"{name} is {excess:.3g} half-steps off the rounded exact merge"
     return result
-
-
-PICO_VARIANTS = {
-    "dora": ("untied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                            use_dora=True)),
-    "patterns": ("untied", dict(r=4, lora_alpha=8, target_modules="all-linear",
-                                rank_pattern={r"layers\.1\.mlp\.up_proj": 2, "o_proj": 3},
-                                alpha_pattern={"k_proj": 5})),
-    "rslora_lm_head": ("untied", dict(r=4, lora_alpha=7, use_rslora=True,
-                                      target_modules=["lm_head", "gate_proj"])),
-    "lora_bias": ("bias", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"],
-                               lora_bias=True)),
-    "bias_all": ("bias", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all")),
-    "embed_lora_tied": ("tied", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    "lm_head_lora_tied": ("tied", dict(r=4, lora_alpha=8, target_modules=["lm_head"])),
-    "save_embed_tied": ("tied", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                     modules_to_save=["embed_tokens"])),
-}
 
 
 @pytest.mark.parametrize("variant", list(PICO_VARIANTS))

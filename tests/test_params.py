@@ -107,7 +107,8 @@ TARGET = "trainers.sft.release.gguf.target"
     ("evaluate.conversion.chunks", -1,
      "`evaluate.conversion.chunks` must be greater than or equal to 0 (got -1)"),
     ("evaluate.conversion.max_kld", True, "`evaluate.conversion.max_kld` must be a number"),
-    ("evaluate.adapter.min_kld", 0, "`evaluate.adapter.min_kld` must be greater than 0 (got 0)"),
+    ("evaluate.adapter.min_kld", 0.01, "`evaluate.adapter.min_kld` was removed: the adapter's "
+     "effect is no longer gated"),
     ("evaluate.adapter.prompts", KeyError, "`evaluate.adapter.prompts` is missing"),
     ("trainers.sft.chat_template", "", "`trainers.sft.chat_template` must be non-empty text: "
      "the chat template"),

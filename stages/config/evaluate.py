@@ -7,7 +7,7 @@ card next to the figure it bounds.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, Strict, model_validator
 
@@ -57,11 +57,22 @@ class ConversionSettings(ParamsModel):
 
 
 class AdapterSettings(ParamsModel):
-    """The merged model must answer differently from its base."""
+    """The adapter's effect, shown in the card: the merged model against its base on
+    held-out prompts.  Information, no threshold: that the merge holds the adapter is
+    checked tensor by tensor (stages/fidelity/adapter_check.py)."""
 
     prompts: PathText
-    min_kld: Positive
     max_new_tokens: Count
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_kld" in data:
+            raise problem("was removed: the adapter's effect is no longer gated (a fine-tune may "
+                          "change the model a little), the merge is checked against the adapter "
+                          "tensor by tensor instead; delete the line", at="min_kld",
+                          got=data["min_kld"])
+        return data
 
 
 class EvalSettings(ParamsModel):

@@ -7,7 +7,8 @@
   llama-perplexity scored with the bf16/f16 GGUF (read back from the
   base-logits file); KL divergence, same top token, both perplexities.
 - :func:`adapter_effect`: the merged model against its base on held-out
-  prompts; a merge that changed nothing has a KL divergence of zero.
+  prompts (KL divergence, answers that differ): information for the card,
+  no threshold (whether the merge holds the adapter is adapter_check.py's).
 """
 
 from __future__ import annotations
