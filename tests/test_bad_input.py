@@ -126,10 +126,10 @@ MERGE_CASES: dict[str, tuple[str, ...]] = {
                                   "copy or download"),
     "base shard not safetensors": ("model-00002-of-00002.safetensors", "not a safetensors file",
                                    "copy or download"),
-    "adapter folder missing": ("adapter", "adapter_config.json"),
-    "adapter weights missing": ("adapter_model.safetensors", "missing"),
+    "adapter folder missing": ("adapter", "adapter_config.json", "make pick"),
+    "adapter weights missing": ("adapter_model.safetensors", "missing", "make pick"),
     "adapter weights truncated": ("adapter_model.safetensors", "copy or download"),
-    "adapter config not JSON": ("adapter_config.json",),
+    "adapter config not JSON": ("adapter_config.json", "not valid JSON", "make pick"),
     "base larger than the free disk": ("not enough disk", "GB are free", "needs"),
 }
 
@@ -315,3 +315,18 @@ def test_pinned_quant_levels_are_the_tools_own(llama_tools: str) -> None:
     accepted = set(re.findall(r'\{\s*"([A-Z0-9_]+)"\s*,', options))
     # COPY copies every tensor unchanged (the input again): not a release level.
     assert accepted - {"COPY"} == set(QUANT_LEVELS)
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "tokenizer.json not JSON"])
+def test_convert_refuses_a_folder_without_a_readable_tokenizer(case: str, tmp_path: Path) -> None:
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (model / "model.safetensors").write_bytes(b"")
+    if case == "tokenizer.json not JSON":
+        (model / "tokenizer.json").write_text('{"model": ')
+    before = listing(tmp_path)
+    line = error_line(run_cli(["stages.convert", "--trainer", "sft", "--model", str(model),
+                               "--out", str(tmp_path / "full.gguf")]))
+    assert str(model) in line and "tokenizer" in line and "save_pretrained" in line, line
+    assert listing(tmp_path) == before

@@ -72,6 +72,26 @@ def gguf_metadata(trainer: Trainer) -> dict:
     } | dict.fromkeys(UNSET)
 
 
+def check_tokenizer(model: Path) -> None:
+    """The converter needs the tokenizer's vocabulary: refuse a folder without a readable one."""
+    vocab = [model / "tokenizer.json", model / "tokenizer.model", model / "vocab.json"]
+    found = [p for p in vocab if p.exists()]
+    fix = ("the merge copies the tokenizer from the adapter folder, else from the base: save it "
+           "with the adapter (tokenizer.save_pretrained(final_model)) or keep the base's "
+           "tokenizer files in its folder, then `dvc repro`")
+    if not found:
+        raise InputError(f"{model} has no tokenizer (tokenizer.json, tokenizer.model or "
+                         f"vocab.json); {fix}")
+    config = model / "tokenizer_config.json"
+    for path in [*found, *([config] if config.exists() else [])]:
+        try:
+            data = path.read_bytes()
+            if path.suffix == ".json":
+                json.loads(data)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path} is not readable ({exc}); {fix}") from None
+
+
 def model_bytes(model: Path) -> int:
     """Bytes of the weights in a model folder."""
     files = list(model.glob("*.safetensors"))
@@ -139,6 +159,7 @@ def convert_to_gguf(*, model: Path, out: Path, trainer: Trainer, outtype: str,
     """Write ``out`` (a GGUF of ``outtype``) from the HF folder ``model``."""
     if not (model / "config.json").is_file():
         raise InputError(f"{model} has no config.json; is it a merged model folder?")
+    check_tokenizer(model)
     script = source_dir(llama_cpp_version) / "convert_hf_to_gguf.py"
     check_disk(out, int(model_bytes(model) * DISK_MARGIN))
     with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out) as tmp:

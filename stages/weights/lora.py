@@ -149,11 +149,16 @@ def read_config(folder: Path) -> dict:
     """``adapter_config.json``, refused unless it is a LoRA we can merge."""
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
-        raise ReleaseError(f"{folder} is not a peft adapter folder: {ADAPTER_CONFIG} is missing")
+        raise ReleaseError(f"{folder} is not a peft adapter folder: {ADAPTER_CONFIG} is missing; "
+                           "point --adapter or the trainer's `adapter` in params.yaml at the "
+                           "folder the trainer saved (final_model/), or run `make pick "
+                           "TRAINER=<trainer>`")
     try:
         config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ReleaseError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise ReleaseError(f"{path} is not valid JSON ({exc}): the run was cut short or the file "
+                           "was damaged; copy it again, or pick a complete run (`make pick`)"
+                           ) from None
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise ReleaseError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters "
                            "(including DoRA and rsLoRA) can be merged into the base weights")
@@ -218,7 +223,9 @@ def load_adapter(folder: Path) -> Adapter:
         pickled = (folder / "adapter_model.bin").exists()
         raise ReleaseError(f"{folder}: {ADAPTER_WEIGHTS} is missing" + (
             " (only adapter_model.bin, a PyTorch pickle, which we do not load); re-save the "
-            "adapter with save_pretrained(..., safe_serialization=True)" if pickled else ""))
+            "adapter with save_pretrained(..., safe_serialization=True)" if pickled else
+            "; the run was cut short or not copied whole: copy it again, or pick a complete run "
+            "(`make pick TRAINER=<trainer>`)"))
     found, _ = read_header(weights)
     parts: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
