@@ -39,6 +39,7 @@ def error_line(proc: subprocess.CompletedProcess, code: int = 1) -> str:
     assert "Traceback" not in text, text
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, text
+    print(errors[0])  # the table of the closing note: pytest -rP shows it
     return errors[0]
 
 

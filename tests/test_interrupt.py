@@ -220,4 +220,5 @@ def test_sigkill_then_repro_gives_the_clean_outputs(stage: str, kill_repo: Path,
         for rel in outs:
             final_or_absent(kill_repo, built_repo, rel)
         check_recovers(kill_repo, built_repo, stage, outs)
+    print(f"{stage}: killed at {landed}; finished before {[p for p in points if p not in landed]}")
     assert landed, f"{stage}: no kill point landed while the stage ran"
