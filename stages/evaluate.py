@@ -45,7 +45,7 @@ class EvalResult:
     details: Path
     metrics: dict
     kld: KldStats
-    smoke: SmokeRun
+    smoke: SmokeRun | None  # None: evaluate.smoke.skip names the trainer
 
 
 def details_path(out: Path) -> Path:
@@ -53,15 +53,15 @@ def details_path(out: Path) -> Path:
     return out.with_suffix(".details.json")
 
 
-def metrics(*, size: int, bpw: float, kld: KldStats, smoke: SmokeRun) -> dict:
+def metrics(*, size: int, bpw: float, kld: KldStats, smoke: SmokeRun | None) -> dict:
     """The DVC metrics of one level: the columns of `dvc metrics show`."""
     return {"size_mib": round(size / MIB, 2), "bpw": round(bpw, 3),
             "kld_mean": round(kld.kld_mean, 6), "kld_p99": round(kld.kld_p99, 6),
             "ppl_ratio": round(kld.ppl_ratio, 6), "top1_pct": round(kld.top1_pct, 3),
-            "smoke_pass": smoke.stopped}
+            "smoke_pass": smoke.stopped if smoke else None}
 
 
-def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun,
+def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun | None,
                 bos_id: int | None) -> None:
     """Fail with the figures when ``level`` is beyond its threshold or does not stop."""
     if kld.kld_mean > max_kld:
@@ -70,6 +70,8 @@ def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun,
             f"above evaluate.max_kld for {level} ({max_kld}); 99th percentile {kld.kld_p99:.4f}, "
             f"same top token {kld.top1_pct:.2f}%, PPL ratio {kld.ppl_ratio:.4f}. Use a larger "
             "level (or level options), or raise the threshold if this quality is acceptable.")
+    if smoke is None:  # no smoke turn, so no reply and no prompt tokens to check
+        return
     if not smoke.stopped:
         raise ReleaseError(
             f"{level}: the smoke reply did not stop: {smoke.tokens} tokens without EOS or "
@@ -81,9 +83,14 @@ def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun,
                            "prompt; the chat template writes BOS and the GGUF adds it too.")
 
 
-def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path) -> EvalResult:
-    """Measure ``gguf`` (level ``level``) against ``logits``; write ``out`` and details."""
+def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path,
+        trainer: str | None = None) -> EvalResult:
+    """Measure ``gguf`` (level ``level``) against ``logits``; write ``out`` and details.
+
+    The smoke turn is not run for a trainer that ``evaluate.smoke.skip`` names."""
     ev = params.evaluate
+    if trainer is not None:
+        params.trainer(trainer)  # a known one, or the list
     max_kld = ev.max_kld_for(params.level(level).name)
     for path, stage in ((gguf, "quantize"), (logits, "reference")):
         if not path.is_file():
@@ -93,11 +100,15 @@ def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path) -> E
                         gguf=gguf, base=logits, ctx=ev.ctx)
     log.info("%s: KLD mean %.5f, p99 %.4f, PPL ratio %.4f, same top %.2f%%", level,
              kld.kld_mean, kld.kld_p99, kld.ppl_ratio, kld.top1_pct)
-    smoke = smoke_chat(tool=llamacpp.tool_path("llama-completion", params.llama_cpp_version),
-                       gguf=gguf, prompt=ev.smoke.prompt, max_tokens=ev.smoke.max_tokens,
-                       repeat_penalty=ev.smoke.repeat_penalty)
-    log.info("%s: smoke reply (%d tokens, %s): %s", level, smoke.tokens,
-             "stopped" if smoke.stopped else "hit the limit", smoke.text)
+    smoke = None
+    if trainer is None or ev.smoke.runs_for(trainer):
+        smoke = smoke_chat(tool=llamacpp.tool_path("llama-completion", params.llama_cpp_version),
+                           gguf=gguf, prompt=ev.smoke.prompt, max_tokens=ev.smoke.max_tokens,
+                           repeat_penalty=ev.smoke.repeat_penalty)
+        log.info("%s: smoke reply (%d tokens, %s): %s", level, smoke.tokens,
+                 "stopped" if smoke.stopped else "hit the limit", smoke.text)
+    else:
+        log.info("%s: no smoke turn (evaluate.smoke.skip names trainer %s)", level, trainer)
     reader = open_reader(gguf)
     check_level(level=level, kld=kld, max_kld=max_kld, smoke=smoke,
                 bos_id=chat_info(reader).bos_id)
@@ -107,7 +118,8 @@ def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path) -> E
                "kld": asdict(kld), "max_kld": max_kld,
                "smoke": {"prompt": ev.smoke.prompt, "reply": smoke.text, "tokens": smoke.tokens,
                          "max_tokens": smoke.max_tokens, "stopped": smoke.stopped,
-                         "repeat_penalty": ev.smoke.repeat_penalty},
+                         "repeat_penalty": ev.smoke.repeat_penalty} if smoke else
+                        {"skipped": "evaluate.smoke.skip"},
                "seconds": round(time.monotonic() - start, 1)}
     atomic.write_text(details_path(out), json.dumps(details, indent=2, ensure_ascii=False) + "\n")
     atomic.write_text(out, json.dumps(values, indent=2) + "\n")
@@ -127,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="base-logits file written by the reference stage")
     parser.add_argument("--out", type=Path, required=True,
                         help="<LEVEL>.json metrics file to write (details go beside it)")
+    parser.add_argument("--trainer", help="trainer key in params.yaml: no smoke turn when "
+                        "evaluate.smoke.skip names it (default: run it)")
 
     def body(args) -> None:
         run(params=load_params(args.params), level=args.level, gguf=args.gguf,
-            logits=args.logits, out=args.out)
+            logits=args.logits, out=args.out, trainer=args.trainer)
 
     return run_stage(parser, argv, body)
 

@@ -284,3 +284,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_a_trainer_without_smoke_turn_says_so_in_its_card(tmp_path: Path) -> None:
+    """``evaluate.smoke.skip``: evaluate writes no reply; the card says the turn was not run."""
+    from huggingface_hub import ModelCard
+
+    def no_smoke(root: Path) -> None:
+        for details in (root / EVAL).glob("*.details.json"):
+            data = json.loads(details.read_text())
+            data["smoke"] = {"skipped": "evaluate.smoke.skip"}
+            details.write_text(json.dumps(data))
+
+    card = render(tmp_path, change=no_smoke)["README.md"].decode()
+    assert "Smoke test: not run for this model (`evaluate.smoke.skip`" in card
+    assert "| Level | Reply |" not in card and "stopped after" not in card
+    assert card.count("| not run |") == 3  # each level's row of the quality table
+    assert ModelCard(card).data.base_model

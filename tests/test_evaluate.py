@@ -154,6 +154,34 @@ def test_level_over_its_threshold_fails_with_its_figures(built_repo: Path,
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_trainer_in_smoke_skip_gets_no_smoke_turn(built_repo: Path, tmp_path: Path) -> None:
+    """``evaluate.smoke.skip``: the level is measured, no chat turn is run or checked."""
+    from stages.fidelity.llama_checks import save_base_logits
+    from stages.llamacpp import tools as llamacpp
+
+    params = yaml.safe_load((built_repo / "params.yaml").read_text())
+    params["evaluate"]["smoke"]["skip"] = ["kto"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    logits = tmp_path / "one-chunk.kld"
+    save_base_logits(tool=llamacpp.tool_path("llama-perplexity", params["llama_cpp"]["version"]),
+                     gguf=built_repo / "build/kto/work/full.gguf",
+                     text=built_repo / "data/eval.txt", ctx=256, chunks=1, out=logits)
+    found = {}
+    for trainer in ("kto", "sft"):
+        out = tmp_path / trainer / "Q8_0.json"
+        res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.evaluate", "--trainer",
+                   trainer, "--level", "Q8_0", "--gguf", "build/kto/work/quant/Q8_0.gguf",
+                   "--logits", str(logits), "--out", str(out),
+                   "--params", str(tmp_path / "params.yaml")], cwd=built_repo)
+        found[trainer] = (json.loads(out.read_text()),
+                          json.loads(out.with_suffix(".details.json").read_text()), res.stderr)
+    metrics, details, log = found["kto"]
+    assert details["smoke"] == {"skipped": "evaluate.smoke.skip"} and metrics["smoke_pass"] is None
+    assert "no smoke turn (evaluate.smoke.skip names trainer kto)" in log
+    assert details["kld"]["kld_mean"] == found["sft"][1]["kld"]["kld_mean"]  # measured alike
+    assert found["sft"][1]["smoke"]["reply"] and found["sft"][0]["smoke_pass"] is True
+
+
 def test_broken_chat_template_fails_and_is_never_pushed(clone: Path) -> None:
     # The override is applied before conversion, so the GGUF carries the broken template.
     set_param(clone, "trainers.sft.chat_template", NO_TURN_END)

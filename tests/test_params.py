@@ -92,6 +92,8 @@ TARGET = "trainers.sft.release.gguf.target"
     ("evaluate", KeyError, "`evaluate` is missing"),
     ("evaluate.extra", 1, "unknown key `evaluate.extra`; allowed keys: text, ctx"),
     ("evaluate.ctx", 255, "`evaluate.ctx` must be a multiple of 2 (got 255)"),
+    ("evaluate.smoke.skip", ["dpo"], "`evaluate.smoke.skip` is no trainer; known: sft, kto (got"),
+    ("evaluate.smoke.skip", "sft", "`evaluate.smoke.skip` must be a list (got 'sft')"),
     ("evaluate.ctx", 8, "`evaluate.ctx` must be greater than or equal to 16"),
     ("evaluate.chunks", 0, "llama-perplexity needs 100 for its statistics"),
     ("evaluate.max_kld.Q6_K", 0.1, "`evaluate.max_kld.Q6_K` names a level that is not in quantize"),

@@ -42,6 +42,14 @@ class SmokeSettings(ParamsModel):
     prompt: Annotated[Text, AfterValidator(_question)]
     max_tokens: Annotated[int, Strict(), Field(ge=8)]
     repeat_penalty: Annotated[float, Strict(), Field(ge=1.0, le=2.0)]  # 1.0 is off
+    # Trainers whose levels get no smoke turn (random weights never stop): the card says
+    # so. Here rather than under trainers.<t>: evaluate's DVC params list evaluate.smoke,
+    # and DVC cannot list a key that may be absent.
+    skip: tuple[Text, ...] = ()
+
+    def runs_for(self, trainer: str) -> bool:
+        """Whether ``trainer``'s levels get the smoke turn."""
+        return trainer not in self.skip
 
 
 class ConversionSettings(ParamsModel):

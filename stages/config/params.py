@@ -300,6 +300,10 @@ class Params(ParamsModel):
     @model_validator(mode="after")
     def _levels_known(self) -> Params:
         self.evaluate.check_levels(list(self.levels))
+        for key in self.evaluate.smoke.skip:
+            if key not in self.trainers:
+                raise problem(f"is no trainer; known: {', '.join(self.trainers)}",
+                              at="evaluate.smoke.skip", got=key)
         for trainer in self.trainers.values():
             for fmt, release in trainer.release.items():
                 if release.ollama_level and release.ollama_level not in self.levels:
