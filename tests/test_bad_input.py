@@ -331,3 +331,20 @@ def test_convert_refuses_a_folder_without_a_readable_tokenizer(case: str, tmp_pa
                                "--out", str(tmp_path / "full.gguf")]))
     assert str(model) in line and "tokenizer" in line and "save_pretrained" in line, line
     assert listing(tmp_path) == before
+
+
+def test_evaluate_checks_memory_before_llama_perplexity_loads(llama_tools: str,
+                                                              tmp_path: Path) -> None:
+    """A GGUF bigger than available memory: refused with both numbers, before the tool runs."""
+    gguf = tmp_path / "Q4_K_M.gguf"
+    with gguf.open("wb") as fh:
+        fh.truncate(3 * TIB)
+    logits = tmp_path / "reference.kld"
+    logits.write_bytes(b"_logits_")
+    out = tmp_path / "eval" / "Q4_K_M.json"
+    line = error_line(run_cli(["stages.evaluate", "--level", "Q4_K_M", "--gguf", str(gguf),
+                               "--logits", str(logits), "--out", str(out)]))
+    assert "not enough memory for llama-perplexity" in line and "GB are available" in line
+    need = float(line.split("it needs ")[1].split(" GB")[0])
+    assert need > 3000
+    assert not out.parent.exists()

@@ -57,3 +57,12 @@ def check_disk_and_ram(out: Path, *, need_disk: int, need_ram: int) -> None:
     """:func:`check_disk`, and the same for available memory."""
     check_resources(need_disk=need_disk, free_disk=free_disk(out.parent), need_ram=need_ram,
                     free_ram=psutil.virtual_memory().available, out=out)
+
+
+def check_memory(what: str, need: int) -> None:
+    """Fail early when available memory (free plus reclaimable cache) is under ``need``."""
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise ReleaseError(f"not enough memory for {what}: it needs {need / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB are available; close other programs or use a "
+                           "machine with more memory")

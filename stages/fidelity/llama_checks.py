@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.core.errors import ReleaseError
-from stages.core.preflight import threads
+from stages.core.preflight import check_memory, threads
+from stages.llamacpp.gguf_meta import vocab_size
 from stages.llamacpp.tools import run_captured
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,33 @@ def base_logits_bytes(*, n_vocab: int, ctx: int, chunks: int) -> int:
     return 20 + 4 * ctx * chunks + 2 * chunks * scored * (2 * ((n_vocab + 1) // 2) + 4)
 
 
+# What a llama.cpp tool holds beside the model's weights: its context, compute
+# buffers and the logits of one batch (ctx x vocabulary floats, counted twice).
+TOOL_OVERHEAD = 256 * 2**20
+
+
+def check_fits(*, tool: Path, gguf: Path, ctx: int) -> None:
+    """Before a tool reads a whole GGUF: refuse when available memory cannot hold it.
+
+    The tools memory-map the file, so the kernel could page it in and out, but a
+    model bigger than memory makes every chunk read it from disk again: hours
+    instead of minutes.  Fail first with both numbers, as the merge does.
+    """
+    try:
+        n_vocab = vocab_size(gguf)
+    except ReleaseError:
+        n_vocab = 0  # the tool itself says what is wrong with the file
+    need = gguf.stat().st_size + TOOL_OVERHEAD + 2 * 4 * ctx * n_vocab
+    check_memory(f"{tool.name} on {gguf}", need)
+
+
 def save_base_logits(*, tool: Path, gguf: Path, text: Path, ctx: int, chunks: int,
                      out: Path) -> float:
     """Write ``out`` (base log-probs of ``gguf`` on ``text``); return its perplexity.
 
     ``out`` is written in place: pass a temporary path (``atomic.output_file``).
     """
+    check_fits(tool=tool, gguf=gguf, ctx=ctx)
     stdout, stderr = run_captured(
         [str(tool), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks",
          str(chunks), "-t", str(threads()), "--kl-divergence-base", str(out)],
@@ -147,6 +169,7 @@ def parse_kld_stats(text: str) -> KldStats:
 
 def kl_divergence(*, tool: Path, gguf: Path, base: Path, ctx: int) -> KldStats:
     """KL divergence (and PPL ratio, same top token) of ``gguf`` against ``base``."""
+    check_fits(tool=tool, gguf=gguf, ctx=ctx)
     stdout, stderr = run_captured(
         [str(tool), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
          "-c", str(ctx), "-t", str(threads())], f"llama-perplexity --kl-divergence on {gguf}")
@@ -169,6 +192,7 @@ def parse_smoke(stdout: str, stderr: str, max_tokens: int) -> SmokeRun:
 def smoke_chat(*, tool: Path, gguf: Path, prompt: str, max_tokens: int,
                repeat_penalty: float) -> SmokeRun:
     """One greedy chat turn with the chat template embedded in ``gguf`` (Jinja)."""
+    check_fits(tool=tool, gguf=gguf, ctx=max(512, 4 * max_tokens))
     stdout, stderr = run_captured(
         [str(tool), "-m", str(gguf), "--jinja", "-cnv", "--single-turn", "-p", prompt,
          "-n", str(max_tokens), "--temp", "0", "--seed", "0",
