@@ -165,8 +165,21 @@ def final_or_absent(repo: Path, clean: Path, rel: str) -> None:
         assert same_output(repo, clean, rel), f"{rel} exists after the kill but is not complete"
 
 
+def folder_grown(path: Path, size: int) -> Callable[[], bool]:
+    """A temp folder of ``path`` holds a file of at least ``size`` bytes."""
+    def event() -> bool:
+        return any(f.is_file() and f.stat().st_size >= size
+                   for t in temp_of(path)() if t.is_dir() for f in t.iterdir())
+    return event
+
+
 CASES = {
     # stage: (module, outputs to compare, {kill point: event maker})
+    "merge@sft": ("merge", ["build/sft/work/merged"], {
+        "temp folder appears": lambda r: temp_appears(r / "build/sft/work/merged"),
+        "a shard has grown": lambda r: folder_grown(r / "build/sft/work/merged", 50 << 20),
+        "final name appears": lambda r: appears(r / "build/sft/work/merged"),
+    }),
     "convert@sft": ("convert", ["build/sft/work/full.gguf"], {
         "temp appears": lambda r: temp_appears(r / "build/sft/work/full.gguf"),
         "temp has grown": lambda r: grown(temp_of(r / "build/sft/work/full.gguf"), 50 << 20),
