@@ -118,6 +118,9 @@ def same_output(repo: Path, clean: Path, rel: str) -> bool:
 
 def check_recovers(repo: Path, clean: Path, stage: str, outs: list[str]) -> None:
     """No tool left running; ``dvc repro`` completes with the clean run's outputs."""
+    deadline = time.monotonic() + 10  # the kernel kills them with their parent, not at once
+    while tools_running(repo) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not tools_running(repo), tools_running(repo)
     # Run for real, as after a first run killed (--force: whatever the kill left; no
     # restore from the run-cache, which would not run the stage, nor show its bytes).
