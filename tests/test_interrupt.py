@@ -76,8 +76,9 @@ def kill_at(repo: Path, stage: str, module: str, event: Callable[[], bool],
             if proc is not None and event():
                 try:
                     proc.kill()
-                except psutil.NoSuchProcess:
-                    break
+                except psutil.NoSuchProcess:  # it had just finished: let DVC record it
+                    dvc.wait(120)
+                    return False
                 dvc.wait(60)
                 assert dvc.returncode != 0, f"{stage}: DVC recorded a killed stage"
                 return True
