@@ -80,8 +80,9 @@ def kill_at(repo: Path, stage: str, module: str, event: Callable[[], bool],
                     dvc.wait(120)
                     return False
                 dvc.wait(60)
-                assert dvc.returncode != 0, f"{stage}: DVC recorded a killed stage"
-                return True
+                # 0: the stage had exited (a zombie takes the signal unharmed) and DVC
+                # recorded a complete run; a killed one ends DVC's run with an error.
+                return dvc.returncode != 0
             time.sleep(0.005)
         assert dvc.poll() is not None, f"{stage}: the event never happened"
         return False
