@@ -226,6 +226,7 @@ def test_quantize_and_convert_check_the_disk_first(llama_tools: str, tmp_path: P
     model = tmp_path / "merged"
     model.mkdir()
     (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (model / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
     sparse_safetensors(model / "model.safetensors", "model.embed_tokens.weight", 3 * TIB)
     line = error_line(run_cli(["stages.convert", "--trainer", "sft", "--model", str(model),
                                "--out", str(tmp_path / "full.gguf")]))
@@ -237,7 +238,7 @@ def test_quantize_and_convert_check_the_disk_first(llama_tools: str, tmp_path: P
                                "--out", str(tmp_path / "q.gguf")]))
     assert "not enough disk" in line and "q.gguf" in line and "GB are free" in line
     assert listing(tmp_path) == ["big.gguf", "merged", "merged/config.json",
-                                 "merged/model.safetensors"]
+                                 "merged/model.safetensors", "merged/tokenizer.json"]
 
 
 def stage_args(repo: Path, stage: str) -> list[str]:
