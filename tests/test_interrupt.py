@@ -5,10 +5,11 @@ Each case runs ``dvc repro --force --single-item <stage>`` in a copy of the
 built demo repo (sharing its DVC cache), waits for an observable event (the
 temporary output appears, it has grown, the final name appears), and SIGKILLs
 the stage's own process (``python -m stages.<name>``; the llama.cpp tools it
-started die with it).  Then: nothing half-written under a final name, no tool
-left running, and ``dvc repro <stage>`` gives the clean run's outputs (the
-built repo's, compared by dvc.lock hashes or bytes; fields that are times by
-nature excepted) and removes the killed run's temporary files.
+started die with it).  Then: nothing half-written under a final name and no
+tool left running; after all the kills, one ``dvc repro <stage>`` gives the
+clean run's outputs (the built repo's, compared by dvc.lock hashes or bytes;
+fields that are times by nature excepted) and removes the killed runs'
+temporary files.
 """
 
 from __future__ import annotations
@@ -118,13 +119,17 @@ def same_output(repo: Path, clean: Path, rel: str) -> bool:
     return ours.read_bytes() == theirs.read_bytes()
 
 
-def check_recovers(repo: Path, clean: Path, stage: str, outs: list[str]) -> None:
-    """No tool left running; ``dvc repro`` completes with the clean run's outputs."""
+def no_tool_left(repo: Path) -> None:
+    """The llama.cpp tools a killed stage started end with it."""
     deadline = time.monotonic() + 10  # the kernel kills them with their parent, not at once
     while tools_running(repo) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not tools_running(repo), tools_running(repo)
-    # Run for real, as after a first run killed (--force: whatever the kill left; no
+
+
+def check_recovers(repo: Path, clean: Path, stage: str, outs: list[str]) -> None:
+    """``dvc repro`` after the kills completes with the clean run's outputs, no temp left."""
+    # Run for real, as after a first run killed (--force: whatever the kills left; no
     # restore from the run-cache, which would not run the stage, nor show its bytes).
     run([str(repo / ".venv/bin/dvc"), "repro", "--force", "--no-run-cache", "--single-item",
          stage], cwd=repo)
@@ -235,8 +240,10 @@ def test_sigkill_then_repro_gives_the_clean_outputs(stage: str, kill_repo: Path,
             shutil.rmtree(kill_repo / "published/sft/gguf", ignore_errors=True)
         if kill_at(kill_repo, stage, module, make_event(kill_repo)):
             landed.append(point)
+        no_tool_left(kill_repo)
         for rel in outs:
             final_or_absent(kill_repo, built_repo, rel)
-        check_recovers(kill_repo, built_repo, stage, outs)
+    # One rerun after all the kills: it must also clear every killed run's temp files.
+    check_recovers(kill_repo, built_repo, stage, outs)
     print(f"{stage}: killed at {landed}; finished before {[p for p in points if p not in landed]}")
     assert landed, f"{stage}: no kill point landed while the stage ran"
