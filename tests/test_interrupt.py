@@ -1,21 +1,25 @@
 """A stage killed with SIGKILL at any moment leaves nothing DVC could record, and
 the next ``dvc repro`` completes with the same bytes as a clean run.
 
-Each case runs ``dvc repro --force --single-item <stage>`` in a copy of the
-built demo repo (sharing its DVC cache), waits for an observable event (the
-temporary output appears, it has grown, the final name appears), and SIGKILLs
-the stage's own process (``python -m stages.<name>``; the llama.cpp tools it
-started die with it).  Then: nothing half-written under a final name and no
-tool left running; after all the kills, one ``dvc repro <stage>`` gives the
-clean run's outputs (the built repo's, compared by dvc.lock hashes or bytes;
-fields that are times by nature excepted) and removes the killed runs'
-temporary files.
+Each case runs a stage's command (as dvc.lock resolved it, its outputs removed
+first, as ``dvc repro`` does) in a copy of the built demo repo sharing its DVC
+cache, waits for an observable event (the temporary output appears, it has
+grown, the final name appears), and SIGKILLs the stage's process (the llama.cpp
+tools it started die with it).  Then: nothing half-written under a final name
+and no tool left running; after all the kills, one ``dvc repro --force
+--no-run-cache <stage>`` gives the clean run's outputs (the built repo's,
+compared by dvc.lock hashes or bytes; fields that are times by nature excepted)
+and removes the killed runs' temporary files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,6 +29,7 @@ import psutil
 import pytest
 import yaml
 
+from stages.core.atomic import remove
 from tests.pipeline import copy_repo, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,54 +48,57 @@ def temps(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old"))]
 
 
-def stage_process(repo: Path, module: str) -> psutil.Process | None:
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        cmd = proc.info["cmdline"] or []
-        if f"stages.{module}" in cmd and proc.info["cwd"] == str(repo):
-            return proc
-    return None
-
-
 def tools_running(repo: Path) -> list[str]:
+    """Command lines of llama.cpp tools (and the converter) running in ``repo``."""
     found = []
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
+    for proc in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["cwd"] == str(repo) and any(tool in cmd for tool in TOOLS):
-            found.append(cmd)
+        if any(tool in cmd for tool in TOOLS):
+            try:
+                if proc.cwd() == str(repo):
+                    found.append(cmd)
+            except psutil.Error:  # it ended meanwhile
+                pass
     return found
 
 
-def kill_at(repo: Path, stage: str, module: str, event: Callable[[], bool],
-            timeout: float = 240) -> bool:
-    """Run ``stage``; SIGKILL its process as soon as ``event()`` holds.
+def stage_command(repo: Path, stage: str) -> tuple[list[str], dict[str, str]]:
+    """The command dvc.yaml gives ``stage`` (as dvc.lock resolved it) and its environment."""
+    words = shlex.split(yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["cmd"])
+    env = dict(os.environ)
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value prefixes
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return words, env
+
+
+def kill_at(repo: Path, stage: str, event: Callable[[], bool], timeout: float = 240) -> bool:
+    """Run ``stage``'s command as ``dvc repro`` would (its outputs removed first) and
+    SIGKILL it as soon as ``event()`` holds.  (Run directly, not under DVC: DVC records a
+    stage only when its command exits 0, and a killed one never does; DVC's own start
+    would cost seconds per kill point.)
 
     Returns whether the kill landed while the stage ran (False: it had finished).
     """
-    dvc = subprocess.Popen([str(repo / ".venv/bin/dvc"), "repro", "--force", "--single-item",
-                            stage], cwd=repo, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    for rel in lock_outs(repo, stage):
+        remove(repo / rel)
+    words, env = stage_command(repo, stage)
+    proc = subprocess.Popen(words, cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
-    proc = None
     try:
-        while time.monotonic() < deadline and dvc.poll() is None:
-            proc = proc or stage_process(repo, module)
-            if proc is not None and event():
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:  # it had just finished: let DVC record it
-                    dvc.wait(120)
-                    return False
-                dvc.wait(60)
-                # 0: the stage had exited (a zombie takes the signal unharmed) and DVC
-                # recorded a complete run; a killed one ends DVC's run with an error.
-                return dvc.returncode != 0
-            time.sleep(0.005)
-        assert dvc.poll() is not None, f"{stage}: the event never happened"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if event():
+                proc.kill()  # an exited, unreaped stage takes it unharmed: exit code 0
+                return proc.wait(60) == -signal.SIGKILL
+            time.sleep(0.01)
+        assert proc.poll() is not None, f"{stage}: the event never happened"
+        assert proc.returncode == 0, f"{stage} failed on its own (exit {proc.returncode})"
         return False
     finally:
-        if dvc.poll() is None:
-            dvc.kill()
-            dvc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def lock_outs(repo: Path, stage: str) -> dict[str, str]:
@@ -238,7 +246,7 @@ def test_sigkill_then_repro_gives_the_clean_outputs(stage: str, kill_repo: Path,
     for point, make_event in points.items():
         if module == "push":  # a push copies only what the target lacks
             shutil.rmtree(kill_repo / "published/sft/gguf", ignore_errors=True)
-        if kill_at(kill_repo, stage, module, make_event(kill_repo)):
+        if kill_at(kill_repo, stage, make_event(kill_repo)):
             landed.append(point)
         no_tool_left(kill_repo)
         for rel in outs:
