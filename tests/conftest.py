@@ -52,6 +52,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's in-process merges: its OpenMP workers stall
+    ~20x when other processes share our 2 cores (``pytestmark`` of test_merge.py and
+    test_adapter_check.py)."""
+    from stages.weights.lora_math import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository under test."""

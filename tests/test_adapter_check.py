@@ -46,13 +46,7 @@ GPT2_CASES = {
 Q_V = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's OpenMP workers slow down ~20x when other processes share our 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

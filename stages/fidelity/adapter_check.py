@@ -46,7 +46,14 @@ from pathlib import Path
 
 from stages.core.errors import CheckFailed, ReleaseError
 from stages.weights.layout import model_layout
-from stages.weights.lora import Adapter, Layout, LoraModule, load_adapter, resolve
+from stages.weights.lora import (
+    Adapter,
+    Layout,
+    LoraModule,
+    load_adapter,
+    resolve,
+    tied_sources,
+)
 from stages.weights.safetensors_io import (
     DTYPE_SIZES,
     Reader,
@@ -141,10 +148,7 @@ def _prescribed(base: dict[str, TensorInfo], adapter: Adapter,
     is the embedding's weight until the adapter changes one side of the tie.
     """
     embed, head = layout.embed, layout.head
-    tied = layout.tied and embed in base and head is not None
-    start = dict(base)
-    if tied and head not in base:
-        start[head] = base[embed]
+    tied, start = tied_sources(base, layout)
     dtypes = {name: info.dtype for name, info in start.items()}
     how: dict[str, tuple[str, TensorInfo, LoraModule | None]] = {}
     for param, info in adapter.base_layers.items():
@@ -291,20 +295,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on this thread only: the chunks are small, and OpenMP workers stall ~20x
-    when other processes compete for the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _param(tensor):
@@ -603,7 +593,9 @@ def verify_merge(*, base: Path, adapter: Path, merged: Path,
     """
     start = time.monotonic()
     lora = load_adapter(adapter)
-    with Reader() as reader, _one_thread():
+    from stages.weights.lora_math import one_thread  # imports torch: only when checking
+
+    with Reader() as reader, one_thread():
         check_trained(lora, reader)
         base_tensors = model_tensors(base)
         layout = model_layout(base, _read_config(base, "base model"), base_tensors, lora)

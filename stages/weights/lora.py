@@ -310,6 +310,17 @@ def _lora_target(module: LoraModule, sources: dict[str, TensorInfo], layout: Lay
     return weight
 
 
+def tied_sources(base: dict[str, TensorInfo],
+                 layout: Layout) -> tuple[bool, dict[str, TensorInfo]]:
+    """Whether the base's head is tied to its embedding, and its tensors by name, a tied
+    head that the shards leave out standing for the embedding it computes with."""
+    tied = layout.tied and layout.embed in base and layout.head is not None
+    sources = dict(base)
+    if tied and layout.head not in base:
+        sources[layout.head] = base[layout.embed]
+    return tied, sources
+
+
 def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, layout: Layout) -> MergePlan:
     """Every output tensor, checked against the base before anything is written.
 
@@ -321,10 +332,7 @@ def plan_merge(base: dict[str, TensorInfo], adapter: Adapter, layout: Layout) ->
     original weight, and one of the head leaves the embedding on it.
     """
     embed, head = layout.embed, layout.head
-    tied = layout.tied and embed in base and head is not None
-    sources = dict(base)
-    if tied and head not in base:
-        sources[head] = base[embed]
+    tied, sources = tied_sources(base, layout)
     dtypes = {name: info.dtype for name, info in sources.items()}
     changed: dict[str, OutTensor] = {}
     for param, info in adapter.base_layers.items():
