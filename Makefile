@@ -45,7 +45,7 @@ test: tools  ## run every test (what CI runs)
 	$(PY) -m pytest
 
 test-fast: venv  ## the unit tier: no training, no llama.cpp, under a minute
-	$(PY) -m pytest -m "not slow" -q -n 2
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 lint: venv  ## ruff over stages/, tests/ and bench/
 	$(VENV)/bin/ruff check stages tests bench

@@ -49,6 +49,14 @@ def randomise(model: torch.nn.Module, seed: int, *, std: float = 0.02) -> None:
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * std)
 
 
+def peft_config(kind: str = "Lora", **kwargs):
+    """``peft.<kind>Config(**kwargs)``; peft (and transformers, ~6 s) imported only when a
+    test builds an adapter, not when pytest collects the modules."""
+    import peft
+
+    return getattr(peft, f"{kind}Config")(**kwargs)
+
+
 def build_peft_adapter(base: Path, out: Path, config, *, seed: int = 0, std: float = 0.02,
                        resize: int | None = None, tokenizer: bool = False) -> Path:
     """A real adapter: peft.get_peft_model on ``base``, randomised (``std``), saved."""

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from stages.core.errors import CheckFailed
@@ -30,6 +29,7 @@ from tests.merge_fixtures import (
     build_peft_adapter,
     build_pico,
     build_pico_family,
+    peft_config,
     write_adapter,
 )
 
@@ -89,7 +89,7 @@ def fails(base: Path, adapter: Path, folder: Path) -> str:
 @pytest.mark.parametrize("variant", list(PICO_VARIANTS))
 def test_every_merge_variant_passes_exactly(variant: str, picos: dict, tmp_path: Path) -> None:
     base_key, config = PICO_VARIANTS[variant]
-    adapter = build_peft_adapter(picos[base_key], tmp_path / "a", LoraConfig(**config), seed=7)
+    adapter = build_peft_adapter(picos[base_key], tmp_path / "a", peft_config(**config), seed=7)
     check, _ = passes(picos[base_key], adapter, tmp_path / "out")
     assert check.lora_merged > 0 and check.dtype == "BF16"
     assert check.untied == variant.endswith("_tied")
@@ -101,7 +101,7 @@ def test_resized_vocabulary_passes_exactly(tied: bool, picos: dict, tmp_path: Pa
     """Embedding and head resized to 72 rows and saved whole (modules_to_save): their
     new rows are the adapter's, byte for byte; config.json says 72."""
     base = picos["tied" if tied else "untied"]
-    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(base, tmp_path / "a", peft_config(
         r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
         seed=3, resize=72)
     check, result = passes(base, adapter, tmp_path / "out")
@@ -112,7 +112,7 @@ def test_resized_vocabulary_passes_exactly(tied: bool, picos: dict, tmp_path: Pa
 def test_gpt2_tied_embedding_and_conv1d_pass_exactly(case: str, gpt2: Path,
                                                      tmp_path: Path) -> None:
     config, counts = GPT2_CASES[case]
-    adapter = build_peft_adapter(gpt2, tmp_path / "a", LoraConfig(**config), seed=11, std=0.1)
+    adapter = build_peft_adapter(gpt2, tmp_path / "a", peft_config(**config), seed=11, std=0.1)
     check, _ = passes(gpt2, adapter, tmp_path / "out")
     assert check.untied and (check.lora_merged, check.replaced) == counts
 
@@ -123,7 +123,7 @@ def test_a_small_adapter_passes_whatever_its_effect(picos: dict, tmp_path: Path)
     from transformers import AutoModelForCausalLM
 
     base = picos["untied"]
-    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(**Q_V), seed=4, std=0.5)
+    adapter = build_peft_adapter(base, tmp_path / "a", peft_config(**Q_V), seed=4, std=0.5)
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v * 0.02 if "lora_B" in k else v for k, v in load_file(weights).items()},
               weights)  # lora_B std 0.01
@@ -144,7 +144,7 @@ def test_an_untrained_adapter_is_its_own_error(variant: str, picos: dict,
     """Every LoRA delta zero, as peft initialises it (lora_B; lora_embedding_A for an
     embedding): refused before the merged files are even looked at."""
     base_key, config = ("untied", Q_V) if variant == "untied" else PICO_VARIANTS[variant]
-    adapter = build_peft_adapter(picos[base_key], tmp_path / "a", LoraConfig(**config), seed=2)
+    adapter = build_peft_adapter(picos[base_key], tmp_path / "a", peft_config(**config), seed=2)
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v.zero_() if "lora_B" in k or "lora_embedding_A" in k else v
                for k, v in load_file(weights).items()}, weights)
@@ -157,7 +157,7 @@ def test_an_untrained_adapter_is_its_own_error(variant: str, picos: dict,
 
 def test_merged_files_of_another_adapter_fail(picos: dict, tmp_path: Path) -> None:
     base = picos["untied"]
-    ours, theirs = (build_peft_adapter(base, tmp_path / name, LoraConfig(**Q_V), seed=seed)
+    ours, theirs = (build_peft_adapter(base, tmp_path / name, peft_config(**Q_V), seed=seed)
                     for name, seed in (("ours", 1), ("theirs", 2)))
     folder, _ = merged(base, theirs, tmp_path / "out")
     message = fails(base, ours, folder)
@@ -169,7 +169,7 @@ def test_merged_files_of_another_adapter_fail(picos: dict, tmp_path: Path) -> No
 
 def test_merged_into_another_base_fails(picos: dict, tmp_path: Path) -> None:
     """Same shapes, other weights: the first tensor checked is named."""
-    adapter = build_peft_adapter(picos["untied"], tmp_path / "a", LoraConfig(**Q_V), seed=1)
+    adapter = build_peft_adapter(picos["untied"], tmp_path / "a", peft_config(**Q_V), seed=1)
     folder, _ = merged(picos["other"], adapter, tmp_path / "out")
     assert "is not this adapter applied to this base" in fails(picos["untied"], adapter, folder)
 
@@ -195,7 +195,7 @@ def _steps_up(count: int):
 
 def test_one_value_a_few_rounding_steps_off_fails(picos: dict, tmp_path: Path) -> None:
     base = picos["untied"]
-    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(**Q_V), seed=5)
+    adapter = build_peft_adapter(base, tmp_path / "a", peft_config(**Q_V), seed=5)
     folder, _ = merged(base, adapter, tmp_path / "out")
     target = "model.layers.1.self_attn.v_proj.weight"
     nearest = verify_merge(base=base, adapter=adapter, merged=folder).not_nearest
@@ -216,7 +216,7 @@ def test_one_value_a_few_rounding_steps_off_fails(picos: dict, tmp_path: Path) -
 def test_one_bit_of_a_copied_or_replaced_tensor_fails(tensor: str, whose: str, picos: dict,
                                                       tmp_path: Path) -> None:
     base = picos["tied"]
-    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(base, tmp_path / "a", peft_config(
         r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"]), seed=6)
     folder, _ = merged(base, adapter, tmp_path / "out")
 
@@ -231,7 +231,7 @@ def test_one_bit_of_a_copied_or_replaced_tensor_fails(tensor: str, whose: str, p
 def test_a_config_that_keeps_the_tie_fails(picos: dict, tmp_path: Path) -> None:
     """Untied weights with a config that ties them: loaded, the head would be the merged
     embedding, whatever the files say."""
-    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", peft_config(
         r=4, lora_alpha=8, target_modules=["embed_tokens"]), seed=8)
     folder, _ = merged(picos["tied"], adapter, tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
@@ -240,7 +240,7 @@ def test_a_config_that_keeps_the_tie_fails(picos: dict, tmp_path: Path) -> None:
 
 
 def test_a_tensor_neither_base_nor_adapter_explains_fails(picos: dict, tmp_path: Path) -> None:
-    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", peft_config(
         r=4, lora_alpha=8, target_modules=["lm_head"]), seed=8)
     folder, _ = merged(picos["tied"], adapter, tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())

@@ -7,6 +7,7 @@ subprocess, as make and DVC do.
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,13 @@ def test_bad_adapter(tmp_path: Path) -> None:
 @pytest.mark.parametrize("module", ["merge", "convert", "quantize", "reference", "evaluate",
                                     "card", "push", "params", "pick", "summary", "tools",
                                     "demo.prepare_base", "demo.train"])
-def test_every_command_explains_itself(module: str, tmp_path: Path) -> None:
-    proc = run_stage([f"stages.{module}", "--help"], tmp_path)
-    assert proc.returncode == 0 and f"python -m stages.{module}" in proc.stdout
-    assert "--debug" in proc.stdout and "--quiet" in proc.stdout
+def test_every_command_explains_itself(module: str, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m stages.<module> --help``, run in this process (``runpy`` is what ``-m``
+    does): one import of the libraries for all the commands instead of one per command."""
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"stages.{module}", run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"python -m stages.{module}" in out
+    assert "--debug" in out and "--quiet" in out

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig
 
 from stages import merge as merge_stage
 from stages.core import preflight
@@ -34,6 +33,7 @@ from tests.merge_fixtures import (
     build_pico,
     build_pico_family,
     load_model_tensors,
+    peft_config,
     peft_merged,
     raw_bytes,
     reference_merge,
@@ -62,7 +62,7 @@ def smol_merges(smollm2_base: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("smol_merges")
     cases = {}
     for seed, (name, (config, resize)) in enumerate(SMOL_CASES.items()):
-        adapter = build_peft_adapter(smollm2_base, root / name, LoraConfig(**config), seed=seed,
+        adapter = build_peft_adapter(smollm2_base, root / name, peft_config(**config), seed=seed,
                                      resize=resize, tokenizer=resize is not None)
         result = merge.merge_adapter(base=smollm2_base, adapter=adapter,
                                      out=root / f"{name}-merged")
@@ -192,7 +192,7 @@ def merge_and_check(base: Path, adapter: Path, out: Path, **kwargs) -> merge.Mer
 @pytest.mark.parametrize("variant", list(PICO_VARIANTS))
 def test_pico_variants_match_float64(variant: str, picos: dict, tmp_path: Path) -> None:
     base_key, config = PICO_VARIANTS[variant]
-    adapter = build_peft_adapter(picos[base_key], tmp_path / "adapter", LoraConfig(**config),
+    adapter = build_peft_adapter(picos[base_key], tmp_path / "adapter", peft_config(**config),
                                  seed=7)
     result = merge_and_check(picos[base_key], adapter, tmp_path / "out")
     tied_before = base_key == "tied"
@@ -205,7 +205,7 @@ def test_pico_variants_match_float64(variant: str, picos: dict, tmp_path: Path) 
 
 
 def test_pico_keeps_tie_when_adapter_leaves_embeddings(picos: dict, tmp_path: Path) -> None:
-    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", peft_config(
         r=2, lora_alpha=4, target_modules=["v_proj"]), seed=3)
     result = merge_and_check(picos["tied"], adapter, tmp_path / "out", max_shard_size="6KB")
     assert not result.untied and LM_HEAD not in load_model_tensors(tmp_path / "out")
@@ -345,7 +345,7 @@ def test_tied_families_untie_exactly(case: str, pico_families: dict, tmp_path: P
 
     family, config = TIED_FAMILY_CASES[case]
     base, embed = pico_families[family], PICO_FAMILIES[family][2]
-    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(**config), seed=11, std=0.1)
+    adapter = build_peft_adapter(base, tmp_path / "a", peft_config(**config), seed=11, std=0.1)
     result = merge.merge_adapter(base=base, adapter=adapter, out=tmp_path / "out")
     config_out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert result.untied and config_out["tie_word_embeddings"] is False
@@ -387,7 +387,7 @@ def test_gpt2_checkpoint_of_the_bare_model(pico_families: dict, tmp_path: Path) 
     shutil.copy(base / "config.json", bare / "config.json")
     save_file({k.removeprefix("transformer."): v for k, v in load_model_tensors(base).items()},
               bare / "model.safetensors", metadata={"format": "pt"})
-    adapter = build_peft_adapter(base, tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(base, tmp_path / "a", peft_config(
         r=4, lora_alpha=8, target_modules=["wte", "c_attn"]), seed=12, std=0.1)
     merge.merge_adapter(base=base, adapter=adapter, out=tmp_path / "full")
     result = merge.merge_adapter(base=bare, adapter=adapter, out=tmp_path / "out")
@@ -411,12 +411,12 @@ def test_tie_of_an_unknown_architecture_is_refused(pico_families: dict, tmp_path
     config |= {"model_type": "gpt2-remote", "architectures": ["Gpt2RemoteForCausalLM"]}
     del config["tie_word_embeddings"]
     (base / "config.json").write_text(json.dumps(config))
-    adapter = build_peft_adapter(pico_families["gpt2"], tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(pico_families["gpt2"], tmp_path / "a", peft_config(
         r=4, lora_alpha=8, target_modules=["wte", "c_attn"]), seed=13)
     message = _error(base, adapter, tmp_path / "out")
     assert "`transformer.wte.weight`" in message and "`gpt2-remote`" in message
     assert "tied" in message and "is the base" not in message
-    adapter = build_peft_adapter(pico_families["gpt2"], tmp_path / "b", LoraConfig(
+    adapter = build_peft_adapter(pico_families["gpt2"], tmp_path / "b", peft_config(
         r=4, lora_alpha=8, target_modules=["c_attn"]), seed=13)
     assert not merge.merge_adapter(base=base, adapter=adapter, out=tmp_path / "out").untied
 
@@ -446,7 +446,7 @@ def _error(base: Path | None, adapter: Path, out: Path) -> str:
 
 
 def test_wrong_base_names_tensor_and_shapes(picos: dict, tmp_path: Path) -> None:
-    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", LoraConfig(
+    adapter = build_peft_adapter(picos["tied"], tmp_path / "a", peft_config(
         r=2, lora_alpha=4, target_modules=["q_proj"]), seed=1)
     message = _error(picos["wide"], adapter, tmp_path / "out")
     assert "model.layers.0.self_attn.q_proj.weight" in message
@@ -459,8 +459,9 @@ def test_wrong_base_names_tensor_and_shapes(picos: dict, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("config, expected", [
-    (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), "IA3"),
-    (LoHaConfig(r=2, target_modules=["q_proj"]), "LOHA"),
+    (("IA3", {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+     "IA3"),
+    (("LoHa", {"r": 2, "target_modules": ["q_proj"]}), "LOHA"),
     (None, "PREFIX_TUNING"),
     (None, "LOKR"),
 ])
@@ -470,7 +471,7 @@ def test_non_lora_adapters_are_refused(config, expected: str, picos: dict, tmp_p
         write_adapter(adapter, {"r": 2}, {"x.weight": torch.ones(1)})
         (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": expected}))
     else:
-        build_peft_adapter(picos["tied"], adapter, config)
+        build_peft_adapter(picos["tied"], adapter, peft_config(config[0], **config[1]))
     assert expected in _error(picos["tied"], adapter, tmp_path / "out")
 
 

@@ -46,6 +46,9 @@ NAME = "SmolLM2-135M-Instruct-golden-sft"
 GGUF = {level: f"{NAME}-{level}.gguf" for level in ("Q4_K_M", "Q5_K_M", "Q8_0")}
 DATASET = "HuggingFaceH4/ultrachat_200k"  # a Hub dataset id, which the card may list
 REGULAR = ("Modelfile", "README.md", "manifest.json")  # sent inside the commit, not by LFS
+# A scenario runs the client several times (re-pushes, retries with their waits, resumes):
+# end to end, so `make test` runs it and the unit tier keeps one push and the preflights.
+SCENARIO = pytest.mark.slow
 
 
 # --- the releases -------------------------------------------------------------------------
@@ -307,6 +310,7 @@ def test_first_push_uploads_every_file_in_one_commit(hub: HubServer, client: Pus
                          f"{receipt['git_commit']}"
 
 
+@SCENARIO
 def test_pushing_the_same_release_again_sends_nothing(hub: HubServer, client: Pusher,
                                                       release: Release) -> None:
     client.push(release)
@@ -324,6 +328,7 @@ def test_pushing_the_same_release_again_sends_nothing(hub: HubServer, client: Pu
     holds_exactly(hub, release)
 
 
+@SCENARIO
 def test_a_changed_level_uploads_only_it_and_what_lists_it(hub: HubServer, client: Pusher,
                                                           renders) -> None:
     """Q5_K_M quantized again: its GGUF, the card (its sha256 table) and the manifest."""
@@ -341,6 +346,7 @@ def test_a_changed_level_uploads_only_it_and_what_lists_it(hub: HubServer, clien
     holds_exactly(hub, changed)
 
 
+@SCENARIO
 def test_a_removed_level_is_deleted_and_files_a_person_added_are_kept(
         hub: HubServer, client: Pusher, renders) -> None:
     notes = {"NOTES.md": b"written by a person on the Hub\n"}
@@ -359,6 +365,7 @@ def test_a_removed_level_is_deleted_and_files_a_person_added_are_kept(
     assert hub.files(REPO_ID)[".gitattributes"] == attributes
 
 
+@SCENARIO
 def test_dry_run_prints_the_plan_and_changes_nothing(hub: HubServer, client: Pusher,
                                                      renders) -> None:
     release = renders("release")
@@ -425,6 +432,7 @@ def test_preflight_fails_in_seconds_naming_the_fix(hub: HubServer, client: Pushe
     assert hub.requests["create_repo"] == 0 and sum(hub.commits_made.values()) == 0
 
 
+@SCENARIO
 def test_an_unreachable_hub_fails_after_retries_naming_the_endpoint(
         client: Pusher, release: Release) -> None:
     with socket.socket() as sock:  # a port nothing listens on
@@ -439,6 +447,7 @@ def test_an_unreachable_hub_fails_after_retries_naming_the_endpoint(
     assert res.stderr.count("trying again") == 3, res.stderr
 
 
+@SCENARIO
 def test_a_commit_refused_with_429_then_500_is_retried_into_one_commit(
         hub: HubServer, client: Pusher, release: Release) -> None:
     hub.fail("commit", status=429, times=1, retry_after=0)
@@ -451,6 +460,7 @@ def test_a_commit_refused_with_429_then_500_is_retried_into_one_commit(
     holds_exactly(hub, release)
 
 
+@SCENARIO
 def test_a_push_failing_mid_upload_resumes_without_sending_anything_twice(
         hub: HubServer, client: Pusher, release: Release) -> None:
     """The largest GGUF's PUT fails for the whole first run (403, as S3 answers an expired
@@ -499,6 +509,7 @@ def test_a_card_the_hub_rejects_fails_before_any_upload(tmp_path: Path, release:
     assert_no_marker(tmp_path)
 
 
+@SCENARIO
 def test_a_tag_pins_the_release(hub: HubServer, client: Pusher, renders, tmp_path: Path) -> None:
     release = renders("release")
     params = release.with_target(tmp_path, tag="v1")
@@ -515,6 +526,7 @@ def test_a_tag_pins_the_release(hub: HubServer, client: Pusher, renders, tmp_pat
     assert hub.commits_made[REPO_ID] == 1 and hub.tags(REPO_ID) == {"v1": head}
 
 
+@SCENARIO
 def test_the_token_is_in_no_output_or_file_even_with_debug(hub: HubServer, client: Pusher,
                                                            release: Release) -> None:
     """--debug shows tracebacks and the HTTP client's logs: still no token."""
