@@ -19,7 +19,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv tools demo test test-fast lint golden push share gc pick bench status clean
+.PHONY: help venv tools demo test test-fast lint golden push share gc pick bench bench-pipeline status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
@@ -80,6 +80,9 @@ pick: venv  ## point a trainer at its newest complete run: make pick TRAINER=sft
 
 bench: venv  ## merge benchmark: cp -r vs our merge vs peft, 1.1B and 3B synthetic Llamas
 	$(PY) bench/bench_merge.py
+
+bench-pipeline: demo  ## every stage on a synthetic 3B Llama beside its tools alone (SIZE=1.1B)
+	$(PY) bench/bench_pipeline.py --size $(or $(SIZE),3B)
 
 status: venv  ## what dvc would rerun
 	$(DVC) status

@@ -16,6 +16,11 @@ Writes: ``--logits``: llama-perplexity's base log-probs of the GGUF on the
 - conversion: the merged HF model (transformers, fp32) and the GGUF agree on
   the same tokens (KL divergence), unless ``evaluate.conversion.chunks`` is 0.
 
+The HF models (merged, and base for the adapter's effect) are never loaded
+whole: their weights are read from disk as each module runs, within a resident
+budget per model (stages/fidelity/streamed.py), so this stage's memory does not
+grow with the model.
+
 Any check that fails stops the stage, so nothing downstream (levels, card,
 push) is built from a broken merge or conversion.  The adapter's effect (KL
 divergence of the merged model from its base on held-out prompts, answers
@@ -45,11 +50,11 @@ from stages.fidelity.hf_checks import (
     adapter_effect,
     check_chat,
     conversion_check,
-    load_model,
     load_prompts,
     load_tokenizer,
 )
 from stages.fidelity.llama_checks import base_logits_bytes, read_base_logits, save_base_logits
+from stages.fidelity.streamed import streamed_model
 from stages.llamacpp import tools as llamacpp
 from stages.llamacpp.gguf_meta import read_chat_info, vocab_size
 
@@ -123,25 +128,28 @@ def run(*, params: Params, trainer_key: str, gguf: Path, merged: Path, logits: P
     # Streamed, a few rows at a time: before the models load whole.
     merge = verify_merge(base=trainer.base_model.path, adapter=trainer.adapter, merged=merged,
                          fix=f"Rerun `dvc repro merge@{trainer.key}`.")
-    model = load_model(merged)
-    adapter = adapter_effect(base=load_model(trainer.base_model.path), merged=model, tok=tok,
-                             prompts=load_prompts(ev.adapter.prompts),
-                             max_new_tokens=ev.adapter.max_new_tokens)
-    log.info("adapter effect (information): KLD %.4f from the base, %d/%d answers differ",
-             adapter.kld_mean, adapter.answers_differ, adapter.prompts)
-    conversion = None
-    with atomic.output_file(logits) as tmp:  # kept only if the conversion check passes
-        ppl = save_base_logits(tool=llamacpp.tool_path("llama-perplexity",
-                                                       params.llama_cpp_version),
-                               gguf=gguf, text=ev.text, ctx=ev.ctx, chunks=ev.chunks, out=tmp)
-        if not ev.conversion.skipped:
-            conversion = conversion_check(model=model, base=read_base_logits(tmp),
-                                          chunks=ev.conversion.chunks,
-                                          bos_id=info.bos_id if info.add_bos else None)
-            check_conversion(conversion, max_kld=ev.conversion.max_kld, gguf=gguf)
-            log.info("conversion: KLD %.6f, same top token %.2f%%, PPL HF %.4f vs GGUF %.4f",
-                     conversion.kld_mean, conversion.top1_pct, conversion.ppl_hf,
-                     conversion.ppl_gguf)
+    # Both models stream their weights from disk (stages/fidelity/streamed.py): memory stays
+    # within two resident budgets plus one module, whatever the model size.
+    with streamed_model(merged) as model:
+        with streamed_model(trainer.base_model.path) as base:
+            adapter = adapter_effect(base=base, merged=model, tok=tok,
+                                     prompts=load_prompts(ev.adapter.prompts),
+                                     max_new_tokens=ev.adapter.max_new_tokens)
+        log.info("adapter effect (information): KLD %.4f from the base, %d/%d answers differ",
+                 adapter.kld_mean, adapter.answers_differ, adapter.prompts)
+        conversion = None
+        with atomic.output_file(logits) as tmp:  # kept only if the conversion check passes
+            ppl = save_base_logits(tool=llamacpp.tool_path("llama-perplexity",
+                                                           params.llama_cpp_version),
+                                   gguf=gguf, text=ev.text, ctx=ev.ctx, chunks=ev.chunks, out=tmp)
+            if not ev.conversion.skipped:
+                conversion = conversion_check(model=model, base=read_base_logits(tmp),
+                                              chunks=ev.conversion.chunks,
+                                              bos_id=info.bos_id if info.add_bos else None)
+                check_conversion(conversion, max_kld=ev.conversion.max_kld, gguf=gguf)
+                log.info("conversion: KLD %.6f, same top token %.2f%%, PPL HF %.4f vs GGUF "
+                         "%.4f", conversion.kld_mean, conversion.top1_pct, conversion.ppl_hf,
+                         conversion.ppl_gguf)
     res = ReferenceResult(out=out, logits=logits, ppl=ppl, chat=chat, merge=merge,
                           adapter=adapter, conversion=conversion)
     record = reference_record(res, params=params, trainer=trainer, gguf=gguf)

@@ -17,8 +17,9 @@ the real model, train, run the pipeline, or hand out the llama.cpp tools
 them (``smol_merges``, ``clone``, ``tokenizer``) is slow through them.  A test
 needing the real model or llama.cpp must get it through one of these fixtures,
 never by itself.  Do not mark modules ``slow`` by hand: their pure tests belong in the fast tier.
-The one mark by hand is ``SCENARIO`` in test_push_hub.py: the Hub client run several times
-in one test (re-pushes, retries with their real waits, resumes), end to end.
+The marks by hand: ``SCENARIO`` in test_push_hub.py (the Hub client run several times in
+one test: re-pushes, retries with their real waits, resumes) and the peak-RSS tests that
+build a model of a few hundred MB (test_streamed.py), each with its reason.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class SmokeSettings(ParamsModel):
 class ConversionSettings(ParamsModel):
     """HF (transformers, fp32) vs the bf16/f16 GGUF on the same tokens."""
 
-    chunks: Index  # 0 skips it (a model too big to load whole here)
+    chunks: Index  # 0 skips it (one HF forward pass per chunk: time, not memory)
     max_kld: Positive
 
     @property

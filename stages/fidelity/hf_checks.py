@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.core.cli import progress_enabled
 from stages.core.errors import ReleaseError
 from stages.fidelity.llama_checks import LOG_PROB_FLOOR, BaseLogits
 from stages.llamacpp.gguf_meta import ChatInfo
@@ -131,18 +130,6 @@ def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str) -> ChatCheck:
     return ChatCheck(template_sha256=hashlib.sha256(hf.encode()).hexdigest(),
                      eos_token=tok.eos_token, eos_id=int(tok.eos_token_id),
                      add_bos=bool(gguf.add_bos), turn_end=after[:min(ends)])
-
-
-def load_model(folder: Path):
-    """A causal LM in fp32 on CPU, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    if not progress_enabled():
-        hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model.eval()
 
 
 def conversion_check(*, model, base: BaseLogits, chunks: int,

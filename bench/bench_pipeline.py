@@ -1,0 +1,218 @@
+"""Benchmark: every pipeline stage on a synthetic Llama, beside its tools run alone.
+
+A bf16 Llama of TinyLlama's shape (1.1B) or Llama-3.2-3B's (3B), random weights,
+with the demo base's tokenizer (its vocabulary size), an r=16 LoRA on every
+linear layer (bench_merge.py's generator; cached in
+``${XDG_CACHE_HOME:-~/.cache}/llm-release/bench/pipeline-<size>/``), is added as
+the only trainer of a temporary copy of this repository.  Each stage command
+(merge, convert, quantize Q8_0 and Q4_K_M, reference, evaluate per level, card)
+runs as dvc.yaml resolves it, under ``/usr/bin/time -v`` (wall time, and the peak
+RSS of the largest process of its tree), then the tool it wraps runs alone on the
+same inputs: ``cp -r`` for the merge, ``convert_hf_to_gguf.py``,
+``llama-quantize``, ``llama-perplexity``.  The table gives each stage's
+overhead over its tools as a ratio.
+
+The stage commands run directly, not through ``dvc repro``: DVC's hashing of
+gigabytes of outputs is DVC's cost, the same for any stage, and is not what
+this measures.  Few evaluation chunks (``--chunks``), no smoke turn (random
+weights never stop), thresholds off (random weights have no quality to keep).
+
+Usage:  .venv/bin/python bench/bench_pipeline.py [--size 1.1B|3B] [--chunks 2]
+Needs the demo base (``make demo`` or ``dvc repro prepare_base``) and the tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.bench_merge import SHAPES, build_adapter, build_base, cache_root  # noqa: E402
+
+TIME = Path("/usr/bin/time")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+LEVELS = ("Q8_0", "Q4_K_M")
+KEY = "big"
+
+
+@dataclass(frozen=True)
+class Row:
+    stage: str
+    wall: float
+    rss_gb: float
+    tool: str = ""
+    tool_wall: float | None = None
+    tool_rss_gb: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.wall / self.tool_wall if self.tool_wall else None
+
+
+def timed(cmd: list[str] | str, cwd: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB, the largest process of the tree) of ``cmd``."""
+    args = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
+    proc = subprocess.run([str(TIME), "-v", *args], capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {cmd}\n{proc.stderr[-4000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    hours, minutes, seconds = wall.groups()
+    return (int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds),
+            int(rss.group(1)) * 1024 / 1e9)
+
+
+def demo_base() -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    base = REPO / params["demo"]["base_path"]
+    if not (base / "tokenizer.json").is_file():
+        raise SystemExit(f"{base} is not built: run `make demo` (or `dvc repro prepare_base`)")
+    return base
+
+
+def ensure_models(size: str, tok_source: Path) -> tuple[Path, Path]:
+    """The synthetic base (the demo's tokenizer and vocabulary) and its adapter, once."""
+    vocab = json.loads((tok_source / "config.json").read_text())["vocab_size"]
+    shape = {**SHAPES[size], "vocab_size": vocab}
+    root = cache_root() / f"pipeline-{size}"
+    root.mkdir(parents=True, exist_ok=True)
+    base, adapter = root / "base", root / "adapter"
+    if not base.is_dir():
+        print(f"generating the {size} base in {base} (once)", file=sys.stderr)
+        build_base(base, shape)
+        for name in TOKENIZER_FILES:
+            if (tok_source / name).is_file():
+                shutil.copy2(tok_source / name, base / name)
+    if not adapter.is_dir():
+        build_adapter(adapter, base, shape)
+        (root / "training_lineage.json").write_text(json.dumps(
+            {"trainer": "bench", "note": "synthetic adapter, random weights"}))
+    return base, adapter
+
+
+def work_repo(root: Path, base: Path, adapter: Path, size: str, chunks: int) -> Path:
+    """A copy of this repository whose one trainer is the synthetic model."""
+    from tests.pipeline import copy_repo
+
+    repo = copy_repo(REPO, root / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["trainers"] = {KEY: {
+        "output_root": str(adapter.parent), "adapter": str(adapter),
+        "base_model": {"id": f"bench/synthetic-llama-{size}", "path": str(base)},
+        "name": f"synthetic-llama-{size}", "license": "apache-2.0", "tags": ["bench"],
+        "release": {"gguf": {"ollama_level": "Q4_K_M",
+                             "target": {"kind": "local", "path": f"published/{KEY}/gguf"}}}}}
+    params["quantize"]["levels"] = {level: {} for level in LEVELS}
+    ev = params["evaluate"]
+    ev["chunks"] = chunks
+    ev["conversion"]["chunks"] = min(chunks, ev["conversion"]["chunks"])
+    ev["smoke"]["skip"] = [KEY]
+    ev["max_kld"] = {"default": 1e9}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+def stage_commands(repo: Path) -> dict[str, str]:
+    """Each stage's command as DVC resolves it from dvc.yaml (no hashing, nothing run)."""
+    from dvc.repo import Repo
+
+    wanted = [f"merge@{KEY}", f"convert@{KEY}", *(f"quantize@{KEY}-{lv}" for lv in LEVELS),
+              f"reference@{KEY}", *(f"evaluate@{KEY}-{lv}" for lv in LEVELS), f"card@{KEY}"]
+    with Repo(str(repo)) as dvc:
+        return {name: dvc.stage.collect(name)[0].cmd for name in wanted}
+
+
+def tool_commands(repo: Path, base: Path, scratch: Path) -> dict[str, tuple[str, list[str]]]:
+    """The tools alone, on the inputs the stages had, writing into ``scratch``."""
+    from stages.config.params import load_params
+    from stages.core.preflight import threads
+    from stages.llamacpp.tools import source_dir, tool_path
+
+    p = load_params(repo / "params.yaml")
+    version, work = p.llama_cpp_version, repo / f"build/{KEY}/work"
+    perplexity = str(tool_path("llama-perplexity", version))
+    ev, t = p.evaluate, str(threads())
+    base_run = [perplexity, "-m", str(work / "full.gguf"), "-f", str(repo / ev.text),
+                "-c", str(ev.ctx), "--chunks", str(ev.chunks), "-t", t,
+                "--kl-divergence-base", str(scratch / "ref.kld")]
+    tools = {
+        f"merge@{KEY}": ("cp -r", ["cp", "-r", str(base), str(scratch / "copy")]),
+        f"convert@{KEY}": ("convert_hf_to_gguf.py", [
+            sys.executable, str(source_dir(version) / "convert_hf_to_gguf.py"),
+            str(work / "merged"), "--outfile", str(scratch / "full.gguf"),
+            "--outtype", p.convert_outtype]),
+        f"reference@{KEY}": ("llama-perplexity (base logits)", base_run),
+    }
+    for level in LEVELS:
+        tools[f"quantize@{KEY}-{level}"] = ("llama-quantize", [
+            str(tool_path("llama-quantize", version)), str(work / "full.gguf"),
+            str(scratch / f"{level}.gguf"), level, t])
+        tools[f"evaluate@{KEY}-{level}"] = ("llama-perplexity (KLD)", [
+            perplexity, "-m", str(work / f"quant/{level}.gguf"), "-f", str(repo / ev.text),
+            "-c", str(ev.ctx), "--chunks", str(ev.chunks), "-t", t,
+            "--kl-divergence-base", str(work / "reference.kld"), "--kl-divergence"])
+    return tools
+
+
+def report(rows: list[Row], size: str, chunks: int) -> str:
+    lines = [f"synthetic Llama {size}, {chunks} evaluation chunks, {os.cpu_count()} cores", "",
+             "| stage | wall (s) | peak RSS (GB) | tool alone | wall (s) | peak RSS (GB) | "
+             "stage / tool |", "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        tool = (f"{r.tool} | {r.tool_wall:.1f} | {r.tool_rss_gb:.2f} | {r.ratio:.2f}×"
+                if r.tool_wall else "— | | | ")
+        lines.append(f"| {r.stage} | {r.wall:.1f} | {r.rss_gb:.2f} | {tool} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SHAPES), default="3B")
+    parser.add_argument("--chunks", type=int, default=2, help="evaluation chunks (ctx 256)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    base, adapter = ensure_models(args.size, demo_base())
+    root = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir=cache_root()))
+    rows: list[Row] = []
+    try:
+        repo = work_repo(root, base, adapter, args.size, args.chunks)
+        commands = stage_commands(repo)
+        scratch = root / "scratch"
+        scratch.mkdir()
+        for stage, cmd in commands.items():
+            print(f"{stage}: {cmd}", file=sys.stderr)
+            wall, rss = timed(cmd, repo)
+            rows.append(Row(stage, wall, rss))
+            print(f"  {wall:.1f} s, {rss:.2f} GB", file=sys.stderr)
+        tools = tool_commands(repo, base, scratch)
+        for i, row in enumerate(rows):
+            if row.stage in tools:
+                name, cmd = tools[row.stage]
+                wall, rss = timed(cmd, repo)
+                rows[i] = Row(row.stage, row.wall, row.rss_gb, name, wall, rss)
+                print(f"  {name} alone: {wall:.1f} s, {rss:.2f} GB", file=sys.stderr)
+                for leftover in scratch.iterdir():  # disk: one tool output at a time
+                    if leftover.name != "ref.kld":
+                        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(report(rows, args.size, args.chunks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
