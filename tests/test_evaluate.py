@@ -230,6 +230,39 @@ def test_merged_files_of_another_adapter_fail_the_adapter_check(built_repo: Path
     assert not out.exists() and not logits.exists()
 
 
+# Peak RSS bound of reference's largest process (README, Fidelity): the libraries, the two
+# resident budgets, and a few times the largest tensor in fp32 (read as bf16, converted).
+LIBRARIES_MB = 700
+LARGEST_TENSOR_TIMES = 4
+PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024); sys.exit(rc)")
+
+
+def test_reference_streams_the_hf_models_within_its_bound(built_repo: Path,
+                                                           tmp_path: Path) -> None:
+    """With no resident budget, sft's reference streams both HF models from disk: the same
+    reference.json and logits as the pipeline's (the demo fits its budget: held whole), and
+    its largest process stays under the stated bound (loaded whole they take ~1.8 GB)."""
+    from stages.weights.safetensors_io import model_tensors
+
+    out, logits = tmp_path / "eval" / "reference.json", tmp_path / "reference.kld"
+    python = str(built_repo / ".venv/bin/python")
+    res = run(["env", "LLM_RELEASE_HF_RESIDENT_MB=0", python, "-c", PEAK, python, "-m",
+               "stages.reference", "--trainer", "sft", "--gguf", "build/sft/work/full.gguf",
+               "--merged", "build/sft/work/merged", "--logits", str(logits), "--out", str(out)],
+              cwd=built_repo)
+    peak_mb = int(res.stdout.split()[-1])
+    pipeline = built_repo / "build/sft/work"
+    assert logits.read_bytes() == (pipeline / "reference.kld").read_bytes()
+    ours, theirs = (json.loads(p.read_text()) for p in (out, pipeline / "eval/reference.json"))
+    for record in (ours, theirs):
+        record["adapter_merge"].pop("seconds")  # a time by nature
+    assert ours == theirs
+    largest_mb = max(t.numel for t in model_tensors(pipeline / "merged").values()) * 4 >> 20
+    bound_mb = (LIBRARIES_MB + LARGEST_TENSOR_TIMES * largest_mb) * 1.1
+    assert peak_mb < bound_mb, f"reference peaked at {peak_mb} MB, bound {bound_mb:.0f} MB"
+
+
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_base: Path):
     from stages.fidelity.hf_checks import load_tokenizer
