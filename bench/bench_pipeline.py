@@ -132,7 +132,8 @@ def stage_commands(repo: Path) -> dict[str, str]:
     wanted = [f"merge@{KEY}", f"convert@{KEY}", *(f"quantize@{KEY}-{lv}" for lv in LEVELS),
               f"reference@{KEY}", *(f"evaluate@{KEY}-{lv}" for lv in LEVELS), f"card@{KEY}"]
     with Repo(str(repo)) as dvc:
-        return {name: dvc.stage.collect(name)[0].cmd for name in wanted}
+        cmds = {stage.name: stage.cmd for stage in dvc.index.stages}
+    return {name: cmds[name] for name in wanted}
 
 
 def tool_commands(repo: Path, base: Path, scratch: Path) -> dict[str, tuple[str, list[str]]]:

@@ -65,6 +65,30 @@ def test_streamed_equals_loaded_whole(name: str, budget: int, models: dict) -> N
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("name", ["tied", "untied", "gpt2"])
+def test_a_big_vocabulary_is_read_by_rows_and_its_logits_by_blocks(
+        name: str, models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every embedding and head taken as big (Llama 3's, Gemma's): the embedding reads the
+    rows of the tokens given, the head computes its logits 3 rows at a time."""
+    from stages.fidelity import streamed
+
+    folder = models[name]
+    monkeypatch.setattr(streamed, "VOCAB_WHOLE_MAX", 0)
+    hidden = json.loads((folder / "config.json").read_text()).get("hidden_size") or \
+        json.loads((folder / "config.json").read_text())["n_embd"]
+    monkeypatch.setattr(streamed, "HEAD_BLOCK_BYTES", 3 * hidden * 4)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(5))
+    expected = answers(whole(folder), ids)
+    with streamed_model(folder, budget=1 << 30) as model:
+        got = answers(model, ids)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        assert embed.weight.is_meta and "forward" in head.__dict__  # never held whole
+    assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-5)
+    assert torch.equal(got[1], expected[1])
+    assert "forward" not in head.__dict__  # the module is itself again
+
+
 def test_a_model_it_cannot_stream_is_loaded_whole_with_a_warning(
         models: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "m"

@@ -11,7 +11,11 @@ case they stay for the next pass.  Peak memory is
 the budget plus the largest module's weights in fp32 (the embedding or output
 head: vocabulary × hidden × 4 bytes) plus activations, whatever the model
 size.  A model that fits in the budget (the 135M demo: 0.54 GB) is read once
-and runs as fast as one loaded whole.
+and runs as fast as one loaded whole.  A vocabulary-sized weight bigger than
+256 MB in fp32 is never held whole, resident or not: the input embedding reads
+the rows of the tokens it is given, the output head computes the logits 64 MB
+of rows at a time (its matmul then runs in blocks: the same products, summed in
+the same order per logit, so equal to a whole-matrix matmul up to fp32 rounding).
 
 The values are the same as ``from_pretrained(..., dtype=float32)``'s: each
 tensor is the checkpoint's, converted to fp32, and the same modules run in the
@@ -37,6 +41,13 @@ log = logging.getLogger(__name__)
 # is an environment setting and not a DVC param: more on a big machine, 0 to stream all.
 RESIDENT_ENV = "LLM_RELEASE_HF_RESIDENT_MB"
 RESIDENT_MB = 1024
+
+
+# A vocabulary-sized weight above this (fp32 bytes) is never held whole: the input
+# embedding reads only the rows of the tokens it is given, the output head computes the
+# logits a block of rows at a time (Llama 3's 128k × 4096 head is 2.1 GB in fp32).
+VOCAB_WHOLE_MAX = 256 << 20
+HEAD_BLOCK_BYTES = 64 << 20
 
 
 def resident_bytes() -> int:
@@ -74,6 +85,54 @@ class _Streamer:
         raw = self.reader.read(info)
         self.bytes_read += info.nbytes
         return torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape).float()
+
+    def rows(self, info: TensorInfo, ids):
+        """Rows ``ids`` (sorted, unique) of a 2-D tensor, in fp32."""
+        import torch
+
+        from stages.weights.lora_math import TORCH_DTYPES
+
+        dtype, width = TORCH_DTYPES[info.dtype], info.shape[1]
+        row_bytes = width * dtype.itemsize
+        out = torch.empty((len(ids), width), dtype=dtype)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        for i, row in enumerate(ids.tolist()):
+            self.reader.read_into(info, view[i * row_bytes:(i + 1) * row_bytes], row * row_bytes)
+        self.bytes_read += len(ids) * row_bytes
+        return out.float()
+
+    def embed_rows(self, module, args):
+        """Forward pre-hook of a big input embedding: the rows of the tokens given, and the
+        tokens renumbered into them."""
+        import torch
+
+        (ids, *rest) = args
+        unique, local = torch.unique(ids, sorted=True, return_inverse=True)
+        (pname, info), = self.sources[id(module)]
+        self.meta[id(module)] = {pname: module._parameters[pname]}
+        module._parameters[pname] = torch.nn.Parameter(self.rows(info, unique),
+                                                       requires_grad=False)
+        return (local, *rest)
+
+    def drop(self, module, args, output) -> None:
+        module._parameters.update(self.meta.pop(id(module)))
+
+    def head_forward(self, module, info: TensorInfo, bias: TensorInfo | None):
+        """A big output head's forward: the logits a block of vocabulary rows at a time."""
+        import torch
+
+        rows = max(1, HEAD_BLOCK_BYTES // (info.shape[1] * 4))
+        b = self._tensor(bias) if bias is not None else None
+
+        def forward(x):
+            parts = []
+            for lo in range(0, info.shape[0], rows):
+                ids = torch.arange(lo, min(lo + rows, info.shape[0]))
+                parts.append(torch.nn.functional.linear(
+                    x, self.rows(info, ids), None if b is None else b[lo:lo + rows]))
+            return torch.cat(parts, dim=-1)
+
+        return forward
 
     def before(self, module, args) -> None:
         import torch
@@ -176,9 +235,20 @@ def streamed_model(folder: Path, *, budget: int | None = None) -> Iterator[objec
     with Reader() as reader:
         streamer = _Streamer(sources,
                              resident_bytes() if budget is None else budget, reader)
-        hooks = []
+        hooks, embed, head = [], model.get_input_embeddings(), model.get_output_embeddings()
         for module in model.modules():
-            if id(module) in sources:
+            if id(module) not in sources:
+                continue
+            big = sum(info.numel for _, info in sources[id(module)]) * 4 > VOCAB_WHOLE_MAX
+            if big and module is embed and isinstance(module, torch.nn.Embedding) and \
+                    len(sources[id(module)]) == 1:
+                hooks.append(module.register_forward_pre_hook(streamer.embed_rows))
+                hooks.append(module.register_forward_hook(streamer.drop))
+            elif big and module is head and isinstance(module, torch.nn.Linear):
+                params = dict(sources[id(module)])
+                module.forward = streamer.head_forward(module, params["weight"],
+                                                       params.get("bias"))
+            else:
                 hooks.append(module.register_forward_pre_hook(streamer.before))
                 hooks.append(module.register_forward_hook(streamer.after))
         _on_cpu_in_fp32(model)
@@ -195,5 +265,6 @@ def streamed_model(folder: Path, *, budget: int | None = None) -> Iterator[objec
         finally:
             for hook in hooks:
                 hook.remove()
+            head.__dict__.pop("forward", None)
             log.debug("%s: %.1f GB read, %.1f GB kept resident", folder,
                       streamer.bytes_read / 1e9, streamer.resident / 1e9)

@@ -316,17 +316,13 @@ def scan_text(text: str, machine: Machine) -> list[tuple[int, str]]:
 
 def gguf_strings(path: Path) -> Iterator[tuple[str, str]]:
     """(key, text) of every string in ``path``'s metadata outside the vocabulary."""
-    from gguf import GGUFValueType
-
     for field in open_reader(path).fields.values():
-        vocabulary = field.name.startswith(GGUF_VOCABULARY)
-        if vocabulary and field.types and field.types[0] == GGUFValueType.ARRAY:
+        if field.is_array and field.name.startswith(GGUF_VOCABULARY):
             continue
-        value = field.contents()
-        items = value if isinstance(value, list) else [value]
+        items = field.value if field.is_array else [field.value]
         for index, item in enumerate(items):
             if isinstance(item, str):
-                yield (f"{field.name}.{index}" if isinstance(value, list) else field.name), item
+                yield (f"{field.name}.{index}" if field.is_array else field.name), item
 
 
 def scan_release(folder: Path, machine: Machine) -> list[str]:
