@@ -73,6 +73,8 @@ def test_every_command_explains_itself(module: str, capsys: pytest.CaptureFixtur
     """``python -m stages.<module> --help``, run in this process (``runpy`` is what ``-m``
     does): one import of the libraries for all the commands instead of one per command."""
     monkeypatch.setattr(sys, "argv", [f"{module}.py", "--help"])
+    # as a fresh `python -m` would: the module not imported yet by another test
+    monkeypatch.delitem(sys.modules, f"stages.{module}", raising=False)
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(f"stages.{module}", run_name="__main__", alter_sys=True)
     out = capsys.readouterr().out

@@ -5,17 +5,16 @@ base) in fp32 on CPU.  Loaded whole that is 4 bytes per parameter per model:
 12 GB for the two models of a 1.1B, 70 GB at 8B.  Here the model is built on
 the meta device (no weights), and each module's own parameters are read from
 the safetensors files, in fp32, just before the module runs; after it ran they
-are dropped again, unless the model's resident budget (``resident_bytes``)
-still has room (``$LLM_RELEASE_HF_RESIDENT_MB``, 1024 by default), in which
-case they stay for the next pass.  Peak memory is
-the budget plus the largest module's weights in fp32 (the embedding or output
-head: vocabulary × hidden × 4 bytes) plus activations, whatever the model
-size.  A model that fits in the budget (the 135M demo: 0.54 GB) is read once
-and runs as fast as one loaded whole.  A vocabulary-sized weight bigger than
-256 MB in fp32 is never held whole, resident or not: the input embedding reads
-the rows of the tokens it is given, the output head computes the logits 64 MB
-of rows at a time (its matmul then runs in blocks: the same products, summed in
-the same order per logit, so equal to a whole-matrix matmul up to fp32 rounding).
+are dropped again, unless the model's resident budget
+(``$LLM_RELEASE_HF_RESIDENT_MB``, 1024 by default) still has room, in which
+case they stay for the next pass.  Peak memory is the budget plus one module's
+weights in fp32 plus activations, whatever the model size.  A model that fits
+in the budget (the 135M demo: 0.54 GB) is read once and runs as fast as one
+loaded whole.  A vocabulary-sized weight bigger than 256 MB in fp32 (Llama 3's
+head is 2.1 GB) is never held whole, resident or not: the input embedding reads
+the rows of the tokens it is given, and the output head computes the logits
+64 MB of rows at a time (each logit is the same dot product, which BLAS may sum
+in another order: equal to a whole-matrix matmul up to fp32 rounding).
 
 The values are the same as ``from_pretrained(..., dtype=float32)``'s: each
 tensor is the checkpoint's, converted to fp32, and the same modules run in the
