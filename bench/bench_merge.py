@@ -142,11 +142,13 @@ def ensure_models(size: str) -> tuple[Path, Path]:
     return base, adapter
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and max RSS (GB) of ``cmd`` under /usr/bin/time -v."""
-    proc = subprocess.run([str(TIME), "-v", *cmd], capture_output=True, text=True, cwd=REPO)
+def timed(cmd: list[str] | str, cwd: Path = REPO) -> tuple[float, float]:
+    """Wall seconds and max RSS (GB; the largest process of its tree) of ``cmd`` (a shell
+    line when a string) under /usr/bin/time -v."""
+    args = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
+    proc = subprocess.run([str(TIME), "-v", *args], capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"failed: {cmd}\n{proc.stderr[-4000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     hours, minutes, seconds = wall.groups()

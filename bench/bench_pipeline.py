@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -39,9 +37,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_merge import SHAPES, build_adapter, build_base, cache_root  # noqa: E402
+from bench.bench_merge import (  # noqa: E402
+    SHAPES,
+    build_adapter,
+    build_base,
+    cache_root,
+    timed,
+)
 
-TIME = Path("/usr/bin/time")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 LEVELS = ("Q8_0", "Q4_K_M")
@@ -60,19 +63,6 @@ class Row:
     @property
     def ratio(self) -> float | None:
         return self.wall / self.tool_wall if self.tool_wall else None
-
-
-def timed(cmd: list[str] | str, cwd: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB, the largest process of the tree) of ``cmd``."""
-    args = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
-    proc = subprocess.run([str(TIME), "-v", *args], capture_output=True, text=True, cwd=cwd)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {cmd}\n{proc.stderr[-4000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    hours, minutes, seconds = wall.groups()
-    return (int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds),
-            int(rss.group(1)) * 1024 / 1e9)
 
 
 def demo_base() -> Path:

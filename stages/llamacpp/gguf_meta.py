@@ -178,28 +178,24 @@ def open_reader(path: Path) -> Header:
                            "damaged") from None
 
 
-def _scalar(reader: Header, key: str):
-    return reader.get(key)
-
-
 def vocab_size(path: Path) -> int:
     """Number of tokens in the GGUF's vocabulary (the logits' width)."""
-    return len(_scalar(open_reader(path), "tokenizer.ggml.tokens") or [])
+    return len(open_reader(path).get("tokenizer.ggml.tokens") or [])
 
 
 def chat_info(reader) -> ChatInfo:
     """Chat template, BOS/EOS ids and stop strings from an open reader."""
-    tokens = _scalar(reader, "tokenizer.ggml.tokens") or []
+    tokens = reader.get("tokenizer.ggml.tokens") or []
     stops: list[str] = []
     for key in STOP_KEYS:
-        token_id = _scalar(reader, key)
+        token_id = reader.get(key)
         if token_id is not None and 0 <= token_id < len(tokens) and tokens[token_id] not in stops:
             stops.append(tokens[token_id])
     return ChatInfo(
-        chat_template=_scalar(reader, "tokenizer.chat_template"),
-        bos_id=_scalar(reader, "tokenizer.ggml.bos_token_id"),
-        eos_id=_scalar(reader, "tokenizer.ggml.eos_token_id"),
-        add_bos=_scalar(reader, "tokenizer.ggml.add_bos_token"),
+        chat_template=reader.get("tokenizer.chat_template"),
+        bos_id=reader.get("tokenizer.ggml.bos_token_id"),
+        eos_id=reader.get("tokenizer.ggml.eos_token_id"),
+        add_bos=reader.get("tokenizer.ggml.add_bos_token"),
         stop_strings=tuple(stops),
     )
 
