@@ -5,12 +5,14 @@ with the demo base's tokenizer (its vocabulary size), an r=16 LoRA on every
 linear layer (bench_merge.py's generator; cached in
 ``${XDG_CACHE_HOME:-~/.cache}/llm-release/bench/pipeline-<size>/``), is added as
 the only trainer of a temporary copy of this repository.  Each stage command
-(merge, convert, quantize Q8_0 and Q4_K_M, reference, evaluate per level, card)
-runs as dvc.yaml resolves it, under ``/usr/bin/time -v`` (wall time, and the peak
-RSS of the largest process of its tree), then the tool it wraps runs alone on the
-same inputs: ``cp -r`` for the merge, ``convert_hf_to_gguf.py``,
-``llama-quantize``, ``llama-perplexity``.  The table gives each stage's
-overhead over its tools as a ratio.
+(merge, convert, convert_base, quantize Q8_0 and Q4_K_M, logits, reference,
+evaluate per level, card) runs as dvc.yaml resolves it, under ``/usr/bin/time
+-v`` (wall time, and the peak RSS of the largest process of its tree), then the
+tool it wraps runs alone on the same inputs: ``cp -r`` for the merge,
+``convert_hf_to_gguf.py``, ``llama-quantize``, ``llama-perplexity``.  The table
+gives each stage's overhead over its tools as a ratio.  Reference and card wrap
+no tool: they are our checks (adapter tensors against peft's merge, HF vs GGUF,
+the adapter's effect) and our release files, shown with their cost alone.
 
 The stage commands run directly, not through ``dvc repro``: DVC's hashing of
 gigabytes of outputs is DVC's cost, the same for any stage, and is not what
@@ -119,8 +121,9 @@ def stage_commands(repo: Path) -> dict[str, str]:
     """Each stage's command as DVC resolves it from dvc.yaml (no hashing, nothing run)."""
     from dvc.repo import Repo
 
-    wanted = [f"merge@{KEY}", f"convert@{KEY}", *(f"quantize@{KEY}-{lv}" for lv in LEVELS),
-              f"reference@{KEY}", *(f"evaluate@{KEY}-{lv}" for lv in LEVELS), f"card@{KEY}"]
+    wanted = [f"merge@{KEY}", f"convert@{KEY}", f"convert_base@{KEY}",
+              *(f"quantize@{KEY}-{lv}" for lv in LEVELS), f"logits@{KEY}", f"reference@{KEY}",
+              *(f"evaluate@{KEY}-{lv}" for lv in LEVELS), f"card@{KEY}"]
     with Repo(str(repo)) as dvc:
         cmds = {stage.name: stage.cmd for stage in dvc.index.stages}
     return {name: cmds[name] for name in wanted}
@@ -145,7 +148,10 @@ def tool_commands(repo: Path, base: Path, scratch: Path) -> dict[str, tuple[str,
             sys.executable, str(source_dir(version) / "convert_hf_to_gguf.py"),
             str(work / "merged"), "--outfile", str(scratch / "full.gguf"),
             "--outtype", p.convert_outtype]),
-        f"reference@{KEY}": ("llama-perplexity (base logits)", base_run),
+        f"convert_base@{KEY}": ("convert_hf_to_gguf.py", [
+            sys.executable, str(source_dir(version) / "convert_hf_to_gguf.py"),
+            str(base), "--outfile", str(scratch / "base.gguf"), "--outtype", p.convert_outtype]),
+        f"logits@{KEY}": ("llama-perplexity (base logits)", base_run),
     }
     for level in LEVELS:
         tools[f"quantize@{KEY}-{level}"] = ("llama-quantize", [

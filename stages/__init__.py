@@ -1,7 +1,7 @@
 """The release pipeline's code.
 
 A module directly in ``stages/`` is something you run, ``python -m
-stages.<name> --help``: the DVC stages (merge, convert, quantize, reference,
+stages.<name> --help``: the DVC stages (merge, convert, quantize, logits, reference,
 evaluate, card, push) and the commands behind make targets (params, pick,
 summary, tools).  Each is a thin CLI: argv -> params -> one library call.
 Stages never import each other.

@@ -6,6 +6,10 @@ Reads:  the merged model folder (safetensors, config, tokenizer, chat template)
 Writes: ``--out``, one bf16 (or f16) GGUF that every quantization level is made
         from.  Atomically.
 
+With ``--base``, the trainer's base model instead (the ``convert_base`` stage):
+the GGUF the reference stage measures the adapter's effect against, named after
+the base, without the trainer's metadata or overrides.
+
 The work is :func:`stages.llamacpp.convert.convert_to_gguf`.
 """
 
@@ -23,14 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(
         "stages.convert", "Convert a merged HF model folder to one bf16/f16 GGUF with the pinned "
         "llama.cpp's convert_hf_to_gguf.py; GGUF metadata comes from the trainer's params.")
-    parser.add_argument("--model", type=Path, required=True, help="merged HF model folder")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="merged HF model folder (with --base: the base model's folder)")
     parser.add_argument("--out", type=Path, required=True, help="GGUF file to write")
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
+    parser.add_argument("--base", action="store_true",
+                        help="convert the trainer's base model: named after it, no overrides")
 
     def body(args) -> None:
         params = load_params(args.params)
         convert_to_gguf(model=args.model, out=args.out, trainer=params.trainer(args.trainer),
-                        outtype=params.convert_outtype, llama_cpp_version=params.llama_cpp_version)
+                        outtype=params.convert_outtype, llama_cpp_version=params.llama_cpp_version,
+                        base_only=args.base)
 
     return run_stage(parser, argv, body)
 

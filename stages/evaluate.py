@@ -1,7 +1,7 @@
 """Measure one quantized GGUF against its trainer's full-precision reference.
 
 Reads:  ``--gguf`` (one level's GGUF), ``--logits`` (the base log-probs that
-        reference@<trainer> saved from the bf16/f16 GGUF) and the ``evaluate:``
+        logits@<trainer> saved from the bf16/f16 GGUF) and the ``evaluate:``
         settings in params.yaml.
 Writes: ``--out`` (``<LEVEL>.json``, DVC metrics: size, bits per weight, mean
         and 99th-percentile KL divergence, PPL(Q)/PPL(base), same top token %,
@@ -11,7 +11,8 @@ Writes: ``--out`` (``<LEVEL>.json``, DVC metrics: size, bits per weight, mean
 Two checks, each failing the stage with the figures when it does not hold:
 the mean KL divergence stays under ``evaluate.max_kld`` of the level, and one
 greedy chat turn with the chat template embedded in the GGUF stops on an
-EOS/end-of-turn token before ``evaluate.smoke.max_tokens``.
+EOS/end-of-turn token before ``evaluate.smoke.max_tokens``, with a reply that
+is not empty.
 
 One DVC stage per trainer × level, so changing one level re-evaluates only it.
 """
@@ -78,6 +79,12 @@ def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun | 
             f"end-of-turn (evaluate.smoke.max_tokens = {smoke.max_tokens}); it began "
             f"{smoke.text[:120]!r}. Check the chat template and EOS (reference stage) and the "
             "fine-tune itself.")
+    if not smoke.text.strip():
+        raise ReleaseError(
+            f"{level}: the smoke reply is empty: the model ended its turn at once "
+            f"({smoke.tokens} token{'s' if smoke.tokens != 1 else ''}, an end-of-generation "
+            "token first). Check EOS and the end-of-turn tokens (reference stage: chat template "
+            "and special tokens) and the fine-tune itself.")
     if bos_id is not None and list(smoke.prompt_ids[:2]) == [bos_id, bos_id]:
         raise ReleaseError(f"{level}: llama-completion fed two BOS tokens ({bos_id}) before the "
                            "prompt; the chat template writes BOS and the GGUF adds it too.")
@@ -92,7 +99,7 @@ def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path,
     if trainer is not None:
         params.trainer(trainer)  # a known one, or the list
     max_kld = ev.max_kld_for(params.level(level).name)
-    for path, stage in ((gguf, "quantize"), (logits, "reference")):
+    for path, stage in ((gguf, "quantize"), (logits, "logits")):
         if not path.is_file():
             raise ReleaseError(f"{path} not found; run its {stage} stage first")
     start = time.monotonic()
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--level", required=True, help="a key of quantize.levels, e.g. Q4_K_M")
     parser.add_argument("--gguf", type=Path, required=True, help="the level's GGUF")
     parser.add_argument("--logits", type=Path, required=True,
-                        help="base-logits file written by the reference stage")
+                        help="base-logits file written by the logits stage")
     parser.add_argument("--out", type=Path, required=True,
                         help="<LEVEL>.json metrics file to write (details go beside it)")
     parser.add_argument("--trainer", help="trainer key in params.yaml: no smoke turn when "

@@ -3,7 +3,7 @@
 Reads:  the bf16/f16 GGUF of a trainer and ``quantize.levels.<LEVEL>`` in
         params.yaml.
 Writes: ``--out`` (the quantized GGUF) and, beside it, ``<LEVEL>.json`` (bytes,
-        sha256, options, llama.cpp's type fallbacks).  Atomically.
+        options, llama.cpp's type fallbacks; the card hashes what it publishes).  Atomically.
 
 One DVC stage per trainer × level, so changing one level reruns only it.  The
 work is :func:`stages.llamacpp.quantize.quantize_gguf`.

@@ -258,7 +258,7 @@ def test_reference_json_records_the_check_and_the_effect_without_a_threshold(
     from dataclasses import asdict
 
     from stages.config.params import load_params
-    from stages.fidelity.hf_checks import AdapterResult, ChatCheck
+    from stages.fidelity.hf_checks import AdapterResult, ChatCheck, TokenizerParity
     from stages.reference import ReferenceResult, reference_record
 
     params = load_params(repo_root / "params.yaml")
@@ -269,7 +269,8 @@ def test_reference_json_records_the_check_and_the_effect_without_a_threshold(
                            example_base="a", example_merged="b")
     chat = ChatCheck(template_sha256="0" * 64, eos_token="</s>", eos_id=2, add_bos=False,
                      turn_end="</s>")
-    result = ReferenceResult(out=Path("r.json"), logits=Path("r.kld"), ppl=9.0, chat=chat,
+    result = ReferenceResult(out=Path("r.json"), ppl=9.0, chat=chat,
+                             tokenizer=TokenizerParity(texts=2, tokens=10, pre="smollm"),
                              merge=merge, adapter=effect, conversion=None)
     record = reference_record(result, params=params, trainer=params.trainer("sft"),
                               gguf=Path("full.gguf"))

@@ -190,6 +190,24 @@ def test_convert_refuses_a_folder_without_config(tmp_path: Path) -> None:
     assert listing(tmp_path) == ["merged", "merged/model.safetensors"]
 
 
+def test_convert_refuses_an_architecture_the_pinned_llama_cpp_lacks(llama_tools: str,
+                                                                     tmp_path: Path) -> None:
+    """Before any work (no weights read, no converter started): which architecture, that
+    the pinned llama.cpp lacks it, and what it does know that is near."""
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(
+        '{"architectures": ["LlamaFancyForCausalLM"], "model_type": "llama_fancy"}')
+    (model / "model.safetensors").write_bytes(b"")
+    before = listing(tmp_path)
+    line = error_line(run_cli(["stages.convert", "--trainer", "sft", "--model", str(model),
+                               "--out", str(tmp_path / "full.gguf")]))
+    assert line.startswith(f"error: {model}: architecture LlamaFancyForCausalLM is not one the "
+                           "pinned llama.cpp can convert (llama-cpp-python "), line
+    assert "LlamaForCausalLM" in line and "llama_cpp.version" in line
+    assert listing(tmp_path) == before
+
+
 # --- the later stages, on the demo's build (slow) ---------------------------------------
 
 
@@ -247,14 +265,14 @@ def stage_args(repo: Path, stage: str) -> list[str]:
     return cmd.split(" -m ", 1)[1].split()
 
 
-def test_reference_checks_the_disk_for_its_logits(bad_repo: Path) -> None:
+def test_logits_checks_the_disk_for_its_file(bad_repo: Path) -> None:
     params = bad_repo / "params-huge.yaml"
     shutil.copy(bad_repo / "params.yaml", params)
     data = yaml.safe_load(params.read_text())
     data["evaluate"]["chunks"] = 10**7
     params.write_text(yaml.safe_dump(data, sort_keys=False))
     before = listing(bad_repo / "build/sft/work")
-    line = error_line(run_cli([*stage_args(bad_repo, "reference@sft"), "--params", str(params)],
+    line = error_line(run_cli([*stage_args(bad_repo, "logits@sft"), "--params", str(params)],
                               cwd=bad_repo))
     assert "not enough disk" in line and "reference.kld" in line and "GB are free" in line
     assert listing(bad_repo / "build/sft/work") == before

@@ -65,7 +65,8 @@ def test_bad_adapter(tmp_path: Path) -> None:
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
-@pytest.mark.parametrize("module", ["merge", "convert", "quantize", "reference", "evaluate",
+@pytest.mark.parametrize("module", ["merge", "convert", "quantize", "logits", "reference",
+                                    "evaluate",
                                     "card", "push", "params", "pick", "summary", "tools",
                                     "demo.prepare_base", "demo.train"])
 def test_every_command_explains_itself(module: str, capsys: pytest.CaptureFixture,

@@ -17,7 +17,7 @@ import yaml
 
 from stages.core.errors import ReleaseError
 from stages.fidelity.llama_checks import KldStats, SmokeRun, parse_kld_stats, parse_smoke
-from stages.llamacpp.gguf_meta import ChatInfo
+from stages.llamacpp.gguf_meta import ChatInfo, open_reader
 from tests.pipeline import copy_repo, run, set_param
 
 TRAINERS = ("sft", "kto")
@@ -78,6 +78,9 @@ def test_reference_checks_pass_with_their_figures(built_repo: Path, trainer: str
     assert ref["adapter"]["answers_differ"] > 0
     assert "Paris" in ref["adapter"]["example_base"]
     assert ref["chat"]["eos_token"] == ref["chat"]["turn_end"] == "<|im_end|>"
+    # tokenizer parity: the whole evaluation text and one conversation, id for id
+    assert ref["tokenizer"]["texts"] == 2 and ref["tokenizer"]["pre"] == "smollm"
+    assert ref["tokenizer"]["tokens"] > 24 * 256
 
 
 def test_dvc_metrics_show_lists_trainer_by_level(built_repo: Path) -> None:
@@ -218,16 +221,146 @@ def test_adapter_with_zeroed_lora_b_fails_the_adapter_check(clone: Path) -> None
 def test_merged_files_of_another_adapter_fail_the_adapter_check(built_repo: Path,
                                                                 tmp_path: Path) -> None:
     """kto's merged files checked as sft's: the first LoRA target named, nothing written."""
-    out, logits = tmp_path / "eval" / "reference.json", tmp_path / "reference.kld"
+    out = tmp_path / "eval" / "reference.json"
     res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
-               "--gguf", "build/sft/work/full.gguf", "--merged", "build/kto/work/merged",
-               "--logits", str(logits), "--out", str(out)], cwd=built_repo, check=False)
+               "--gguf", "build/sft/work/full.gguf",
+               "--base-gguf", "build/sft/work/base.gguf", "--merged", "build/kto/work/merged",
+               "--logits", "build/sft/work/reference.kld", "--out", str(out)], cwd=built_repo,
+              check=False)
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: merged tensor `model.layers.0."), last
     assert "is not this adapter applied to this base" in last
     assert "Rerun `dvc repro merge@sft`" in last and "Traceback" not in res.stderr
-    assert not out.exists() and not logits.exists()
+    assert not out.exists() and not out.parent.exists()
+
+
+# GGUF metadata value types (gguf-py's GGUFValueType) this module patches: struct format.
+GGUF_SCALARS = {4: "<I", 6: "<f", 7: "<?"}
+
+
+def with_field(src: Path, dst: Path, key: str, value: object) -> object:
+    """Copy a GGUF with metadata ``key`` set to ``value`` in place (a string of the same
+    length, or a scalar: the rest of the file does not move); return the value it had."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    at = data.index(key.encode()) + len(key)
+    kind = int.from_bytes(data[at:at + 4], "little")
+    if kind == 8:  # string: u64 length, bytes
+        length = int.from_bytes(data[at + 4:at + 12], "little")
+        assert length == len(str(value).encode()), "same length only"
+        old = bytes(data[at + 12:at + 12 + length]).decode()
+        data[at + 12:at + 12 + length] = str(value).encode()
+    else:
+        fmt = GGUF_SCALARS[kind]
+        size = struct.calcsize(fmt)
+        (old,) = struct.unpack(fmt, data[at + 4:at + 4 + size])
+        data[at + 4:at + 4 + size] = struct.pack(fmt, value)
+    dst.write_bytes(bytes(data))
+    return old
+
+
+def test_a_gguf_with_another_pre_tokenizer_fails_tokenizer_parity(built_repo: Path,
+                                                                   tmp_path: Path) -> None:
+    """sft's GGUF with Llama 3's pre-tokenizer in place of SmolLM2's (what a converter that
+    guessed the tokenizer wrong writes): llama.cpp splits the text differently, and the
+    reference stage says where, before any other work."""
+    gguf = tmp_path / "full.gguf"
+    assert with_field(built_repo / "build/sft/work/full.gguf", gguf,
+                      "tokenizer.ggml.pre", "llama3") == "smollm"
+    out = tmp_path / "eval" / "reference.json"
+    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
+               "--gguf", str(gguf), "--base-gguf", "build/sft/work/base.gguf",
+               "--merged", "build/sft/work/merged", "--logits", "build/sft/work/reference.kld",
+               "--out", str(out)], cwd=built_repo, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: tokenizer parity: {gguf} tokenizes the evaluation text "
+                           "differently from the trainer's tokenizer: at token "), last
+    assert "transformers has " in last and ", llama.cpp " in last
+    assert "the GGUF's pre-tokenizer is 'llama3'" in last and "llama_cpp.version" in last
+    assert "adapter merge" not in res.stderr  # it failed before the expensive checks
+    assert not out.exists()
+
+
+def test_a_gguf_that_adds_bos_before_a_template_that_writes_it_fails(built_repo: Path,
+                                                                    tmp_path: Path) -> None:
+    """sft's GGUF with `tokenizer.ggml.add_bos_token` set: SmolLM2's BOS is `<|im_start|>`,
+    which its template writes first, so llama.cpp's tokenization of a rendered prompt (what
+    a client sending the template's text gets) starts with it twice.  (`llama-completion
+    --jinja` strips a template's leading BOS itself, common/chat.cpp: the smoke turn of a
+    level cannot see this.)"""
+    gguf = tmp_path / "full.gguf"
+    assert with_field(built_repo / "build/sft/work/full.gguf", gguf,
+                      "tokenizer.ggml.add_bos_token", True) is False
+    out = tmp_path / "eval" / "reference.json"
+    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
+               "--gguf", str(gguf), "--base-gguf", "build/sft/work/base.gguf",
+               "--merged", "build/sft/work/merged", "--logits", "build/sft/work/reference.kld",
+               "--out", str(out)], cwd=built_repo, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {gguf} adds BOS (tokenizer.ggml.add_bos_token) and the "
+                           "chat template writes it too: prompts would start with two BOS "
+                           "tokens (1)"), last
+    assert not out.exists()
+
+
+def test_a_gguf_with_another_rope_theta_fails_the_conversion_check(built_repo: Path,
+                                                                    tmp_path: Path) -> None:
+    """sft's GGUF with `llama.rope.freq_base` 100 times smaller than the model's (what a
+    converter that misread the config writes): its logits, saved by the logits stage, are
+    not the HF model's, and the conversion check fails with the figures."""
+    python = str(built_repo / ".venv/bin/python")
+    gguf, logits = tmp_path / "full.gguf", tmp_path / "reference.kld"
+    source = built_repo / "build/sft/work/full.gguf"
+    theta = open_reader(source).get("llama.rope.freq_base")
+    assert with_field(source, gguf, "llama.rope.freq_base", theta / 100) == theta
+    run([python, "-m", "stages.logits", "--gguf", str(gguf), "--out", str(logits)],
+        cwd=built_repo)
+    out = tmp_path / "eval" / "reference.json"
+    res = run([python, "-m", "stages.reference", "--trainer", "sft", "--gguf", str(gguf),
+               "--base-gguf", "build/sft/work/base.gguf", "--merged", "build/sft/work/merged",
+               "--logits", str(logits), "--out", str(out)], cwd=built_repo, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: conversion check: {gguf} disagrees with the merged HF model: "
+                           "mean KL divergence "), last
+    kld = float(last.split("mean KL divergence ")[1].split()[0])
+    assert kld > 0.01 and "above evaluate.conversion.max_kld = 0.01" in last
+    assert not out.exists()
+
+
+def test_a_gguf_that_ends_its_turn_at_once_fails_the_smoke_turn(built_repo: Path,
+                                                                tmp_path: Path) -> None:
+    """sft's Q8_0 GGUF whose EOS id is the first token its reply starts with (a GGUF with a
+    wrong EOS id): llama-completion stops at once, and the empty reply fails the level."""
+    from stages.fidelity.llama_checks import llama_token_ids
+    from stages.llamacpp.tools import run_captured, tool_path
+
+    version = yaml.safe_load((built_repo / "params.yaml").read_text())["llama_cpp"]["version"]
+    source = built_repo / "build/sft/work/quant/Q8_0.gguf"
+    prompt = yaml.safe_load((built_repo / "params.yaml").read_text())["evaluate"]["smoke"]["prompt"]
+    stdout, _ = run_captured([str(tool_path("llama-completion", version)), "-m", str(source),
+                              "--jinja", "-cnv", "--single-turn", "-p", prompt, "-n", "1",
+                              "--temp", "0", "--repeat-penalty", "1.1", "-c", "512",
+                              "--no-display-prompt", "--no-warmup"], "the first reply token")
+    first = llama_token_ids(tool=tool_path("llama-tokenize", version), gguf=source,
+                            text=stdout.split(" [end of text]")[0].rstrip("\n"),
+                            add_special=False)
+    assert len(first) == 1, (stdout, first)
+    gguf = tmp_path / "Q8_0.gguf"
+    with_field(source, gguf, "tokenizer.ggml.eos_token_id", first[0])
+    out = tmp_path / "eval" / "Q8_0.json"
+    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.evaluate", "--trainer", "sft",
+               "--level", "Q8_0", "--gguf", str(gguf), "--logits", "build/sft/work/reference.kld",
+               "--out", str(out)], cwd=built_repo, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Q8_0: the smoke reply is empty: the model ended its turn "
+                           "at once"), last
+    assert not out.exists()
 
 
 # Peak RSS bound of reference's largest process (README, Fidelity): the libraries, the two
@@ -241,19 +374,18 @@ PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).ret
 def test_reference_streams_the_hf_models_within_its_bound(built_repo: Path,
                                                            tmp_path: Path) -> None:
     """With no resident budget, sft's reference streams both HF models from disk: the same
-    reference.json and logits as the pipeline's (the demo fits its budget: held whole), and
+    reference.json as the pipeline's (the demo fits its budget: held whole), and
     its largest process stays under the stated bound (loaded whole they take ~1.8 GB)."""
     from stages.weights.safetensors_io import model_tensors
 
-    out, logits = tmp_path / "eval" / "reference.json", tmp_path / "reference.kld"
+    out = tmp_path / "eval" / "reference.json"
     python = str(built_repo / ".venv/bin/python")
     res = run(["env", "LLM_RELEASE_HF_RESIDENT_MB=0", python, "-c", PEAK, python, "-m",
                "stages.reference", "--trainer", "sft", "--gguf", "build/sft/work/full.gguf",
-               "--merged", "build/sft/work/merged", "--logits", str(logits), "--out", str(out)],
-              cwd=built_repo)
+               "--base-gguf", "build/sft/work/base.gguf", "--merged", "build/sft/work/merged",
+               "--logits", "build/sft/work/reference.kld", "--out", str(out)], cwd=built_repo)
     peak_mb = int(res.stdout.split()[-1])
     pipeline = built_repo / "build/sft/work"
-    assert logits.read_bytes() == (pipeline / "reference.kld").read_bytes()
     ours, theirs = (json.loads(p.read_text()) for p in (out, pipeline / "eval/reference.json"))
     for record in (ours, theirs):
         record["adapter_merge"].pop("seconds")  # a time by nature
@@ -344,8 +476,8 @@ def test_parse_smoke_reply(stdout: str, stopped: bool, text: str) -> None:
     assert (run_.stopped, run_.text, run_.tokens, run_.prompt_ids) == (stopped, text, 13, (1, 9690))
 
 
-def smoke(stopped: bool = True, ids: tuple[int, ...] = (1, 9690)) -> SmokeRun:
-    return SmokeRun(text="Arr!", tokens=5, max_tokens=16, stopped=stopped, prompt_ids=ids)
+def smoke(stopped: bool = True, ids: tuple[int, ...] = (1, 9690), text: str = "Arr!") -> SmokeRun:
+    return SmokeRun(text=text, tokens=5, max_tokens=16, stopped=stopped, prompt_ids=ids)
 
 
 @pytest.mark.parametrize(("kld", "run_", "message"), [
@@ -353,6 +485,7 @@ def smoke(stopped: bool = True, ids: tuple[int, ...] = (1, 9690)) -> SmokeRun:
     (0.3, smoke(), "Q4_K_M: mean KL divergence from the full-precision GGUF is 0.30000, above"),
     (0.05, smoke(stopped=False), "Q4_K_M: the smoke reply did not stop: 5 tokens without EOS"),
     (0.05, smoke(ids=(1, 1, 9690)), "llama-completion fed two BOS tokens (1)"),
+    (0.05, smoke(text=" \n"), "Q4_K_M: the smoke reply is empty: the model ended its turn at"),
 ])
 def test_check_level_thresholds(kld: float, run_: SmokeRun, message: str | None) -> None:
     from stages.evaluate import check_level

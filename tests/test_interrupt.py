@@ -183,6 +183,17 @@ def final_or_absent(repo: Path, clean: Path, rel: str) -> None:
         assert same_output(repo, clean, rel), f"{rel} exists after the kill but is not complete"
 
 
+def running_for(seconds: float) -> Callable[[], bool]:
+    """``seconds`` have passed since the event was first asked (the stage's start)."""
+    start: list[float] = []
+
+    def event() -> bool:
+        if not start:
+            start.append(time.monotonic())
+        return time.monotonic() - start[0] >= seconds
+    return event
+
+
 def folder_grown(path: Path, size: int) -> Callable[[], bool]:
     """A temp folder of ``path`` holds a file of at least ``size`` bytes."""
     def event() -> bool:
@@ -210,11 +221,18 @@ CASES = {
                                           20 << 20),
         "GGUF final, record not yet": lambda r: appears(r / "build/sft/work/quant/Q4_K_M.gguf"),
     }),
-    "reference@sft": ("reference", ["build/sft/work/reference.kld",
-                                    "build/sft/work/eval/reference.json"], {
-        # One point: each costs most of a reference run (~40 s); a final output without its
-        # record is tried on quantize and evaluate.
+    "convert_base@sft": ("convert", ["build/sft/work/base.gguf"], {
+        "temp has grown": lambda r: grown(temp_of(r / "build/sft/work/base.gguf"), 50 << 20),
+    }),
+    "logits@sft": ("logits", ["build/sft/work/reference.kld",
+                              "build/sft/work/reference.kld.json"], {
         "logits temp appears": lambda r: temp_appears(r / "build/sft/work/reference.kld"),
+        "logits final, record not yet": lambda r: appears(r / "build/sft/work/reference.kld"),
+    }),
+    "reference@sft": ("reference", ["build/sft/work/eval/reference.json"], {
+        # One point: each costs most of a reference run (~30 s); its one output is written
+        # last, in one atomic write, like every record tried on quantize and evaluate.
+        "checks running": lambda r: running_for(8.0),
     }),
     "evaluate@sft-Q4_K_M": ("evaluate", ["build/sft/work/eval/Q4_K_M.json",
                                          "build/sft/work/eval/Q4_K_M.details.json"], {

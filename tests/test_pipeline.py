@@ -22,8 +22,9 @@ LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
 
 def stages_of(trainer: str, levels: tuple[str, ...] = LEVELS) -> set[str]:
     """Every release stage of one trainer."""
-    return ({f"merge@{trainer}", f"convert@{trainer}", f"reference@{trainer}", f"card@{trainer}",
-             f"push@{trainer}"}
+    return ({f"merge@{trainer}", f"convert@{trainer}", f"convert_base@{trainer}",
+             f"logits@{trainer}",
+             f"reference@{trainer}", f"card@{trainer}", f"push@{trainer}"}
             | {f"{stage}@{trainer}-{level}" for level in levels
                for stage in ("quantize", "evaluate")})
 
@@ -76,8 +77,9 @@ def test_second_repro_runs_nothing(built_repo: Path) -> None:
 
 
 def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) -> None:
-    """stages/fidelity is a dep of reference@ and evaluate@ only: DVC would rerun those, and
-    no merge, convert or quantize (a reorganised dep list must keep expensive stages cached)."""
+    """stages/fidelity is a dep of logits@, reference@ and evaluate@ only: DVC would rerun
+    those, and no merge, convert or quantize (a reorganised dep list must keep expensive
+    stages cached)."""
     library = built_repo / "stages/fidelity/hf_checks.py"
     text = library.read_text()
     before = status(built_repo)
@@ -86,7 +88,7 @@ def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) 
         after = status(built_repo)
     finally:
         library.write_text(text)
-    checks = ({f"reference@{t}" for t in TRAINERS}
+    checks = ({f"{stage}@{t}" for t in TRAINERS for stage in ("logits", "reference")}
               | {f"evaluate@{t}-{lv}" for t in TRAINERS for lv in LEVELS})
     assert set(after) == set(before) | checks, json.dumps(after, indent=1)
     for stage in checks:
@@ -130,7 +132,8 @@ def test_make_push_pushes_only_that_trainer(clone: Path) -> None:
     before = (clone / "build/kto/push.json").read_text()
     res = run(["make", "push", "TRAINER=sft"], cwd=clone)
     ran = set(__import__("re").findall(r"Running stage '([^']+)'", res.stdout + res.stderr))
-    assert ran == stages_of("sft") - {"merge@sft"}
+    # tags are GGUF metadata of the merged model, not of the base
+    assert ran == stages_of("sft") - {"merge@sft", "convert_base@sft"}
     assert (clone / "build/kto/push.json").read_text() == before
     card = (clone / "published/sft/gguf/README.md").read_text()
     assert "- changed" in card

@@ -73,10 +73,8 @@ def hub_release(root: Path) -> None:
 
 
 def requantized_q5(root: Path) -> None:
-    """Q5_K_M quantized again: one weight differs (same size), and its record says so."""
+    """Q5_K_M quantized again: one weight differs (same size; the card hashes it)."""
     from gguf import GGUFReader
-
-    from stages.core.hashing import sha256_file
 
     hub_release(root)
     gguf = root / QUANT / "Q5_K_M.gguf"
@@ -84,10 +82,6 @@ def requantized_q5(root: Path) -> None:
     reader.tensors[0].data[0, 0] += 1.0
     reader.data.flush()
     del reader
-    record_path = root / QUANT / "Q5_K_M.json"
-    record = json.loads(record_path.read_text())
-    record["sha256"] = sha256_file(gguf)
-    record_path.write_text(json.dumps(record, indent=2))
 
 
 def without_q8(root: Path) -> None:

@@ -1,7 +1,7 @@
 """Before heavy work: is there disk and memory for it, and how many threads to use.
 
 One check for every stage that writes gigabytes (merge, convert, quantize,
-reference): it fails before any work with both numbers, in decimal GB as disk
+logits): it fails before any work with both numbers, in decimal GB as disk
 vendors and ``df -H`` count them.
 """
 

@@ -6,6 +6,6 @@ divergence of a level against them, one smoke chat turn) and ``hf_checks``
 HF-vs-GGUF conversion on the very tokens llama.cpp scored, the adapter's
 effect merged vs base, shown in the card) and ``adapter_check`` (the merged
 files are the adapter applied to the base, tensor by tensor against peft's
-own merge, streamed).  The ``reference`` and ``evaluate`` stages turn their
+own merge, streamed).  The ``logits``, ``reference`` and ``evaluate`` stages turn their
 figures into pass/fail against ``evaluate:`` in params.yaml.
 """

@@ -7,8 +7,9 @@
   llama-perplexity scored with the bf16/f16 GGUF (read back from the
   base-logits file); KL divergence, same top token, both perplexities.
 - :func:`adapter_effect`: the merged model against its base on held-out
-  prompts (KL divergence, answers that differ): information for the card,
-  no threshold (whether the merge holds the adapter is adapter_check.py's).
+  prompts (KL divergence on the merged GGUF's greedy answers, answers of the
+  merged and base GGUFs that differ): information for the card, no threshold
+  (whether the merge holds the adapter is adapter_check.py's).
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class ChatCheck:
     eos_id: int
     add_bos: bool
     turn_end: str  # what the template writes after an assistant answer
+
+
+@dataclass(frozen=True)
+class TokenizerParity:
+    texts: int
+    tokens: int  # token ids compared, BOS/EOS included
+    pre: str | None  # the GGUF's pre-tokenizer (tokenizer.ggml.pre)
 
 
 @dataclass(frozen=True)
@@ -93,8 +101,12 @@ def _render(tok, template: str, messages: list[dict], generation: bool) -> str:
                            f"{type(exc).__name__}: {exc}") from None
 
 
-def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str) -> ChatCheck:
-    """The GGUF's template and special tokens against ``tok``; raise on the first problem."""
+def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str, llama_ids=None) -> ChatCheck:
+    """The GGUF's template and special tokens against ``tok``; raise on the first problem.
+
+    ``llama_ids(text, add_special)``: llama.cpp's own tokenization (``llama-tokenize``), for
+    the BOS check on what llama.cpp really feeds a model given the rendered prompt; without
+    it, the trainer's tokenizer plus the GGUF's add_bos stands in."""
     hf = tok.chat_template
     if not gguf.chat_template:
         raise ReleaseError(f"{where} has no tokenizer.chat_template; chat tools would fall back "
@@ -121,8 +133,11 @@ def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str) -> ChatCheck:
     if tok.eos_token_id != gguf.eos_id:
         raise ReleaseError(f"{where}: EOS id is {gguf.eos_id}, the trainer's tokenizer says "
                            f"{tok.eos_token_id} ({tok.eos_token!r}). {fix}")
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    ids = [gguf.bos_id, *ids] if gguf.add_bos else ids
+    if llama_ids is not None:
+        ids = llama_ids(prompt, True)
+    else:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = [gguf.bos_id, *ids] if gguf.add_bos else ids
     if gguf.bos_id is not None and ids[:2] == [gguf.bos_id, gguf.bos_id]:
         raise ReleaseError(f"{where} adds BOS (tokenizer.ggml.add_bos_token) and the chat "
                            f"template writes it too: prompts would start with two BOS "
@@ -130,6 +145,51 @@ def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str) -> ChatCheck:
     return ChatCheck(template_sha256=hashlib.sha256(hf.encode()).hexdigest(),
                      eos_token=tok.eos_token, eos_id=int(tok.eos_token_id),
                      add_bos=bool(gguf.add_bos), turn_end=after[:min(ends)])
+
+
+# A conversation that exercises what the evaluation text may not: digits, spaces and
+# blank lines, punctuation, accents and an emoji, rendered by the chat template with its
+# special tokens (parsed as such by both tokenizers).
+PARITY_CONVERSATION = [
+    {"role": "user", "content": "What's 12345 + 678?  Answer in   three words.\n\nThanks!"},
+    {"role": "assistant", "content": "It's 13,023 — naïve café math 😊"},
+    {"role": "user", "content": "And\tthe year 2024-06-01?"},
+]
+
+
+def parity_texts(tok, eval_text: str) -> dict[str, tuple[str, bool]]:
+    """What tokenizer parity compares: name -> (text, add BOS/EOS as the tokenizer says)."""
+    chat = tok.apply_chat_template(PARITY_CONVERSATION, add_generation_prompt=True,
+                                   tokenize=False)
+    return {"the evaluation text": (eval_text, True),
+            "a conversation rendered by the chat template": (chat, False)}
+
+
+def _token(ids: list[int], i: int, name) -> str:
+    return f"{ids[i]} {name(ids[i])!r}" if i < len(ids) else "(end of the ids)"
+
+
+def check_tokenizer_parity(*, tok, texts: dict[str, tuple[str, bool]], llama_ids,
+                           gguf_tokens: list[str], pre: str | None, where: str,
+                           fix: str) -> TokenizerParity:
+    """The trainer's tokenizer and llama.cpp's (``llama_ids(text, add_special)``) give the
+    same ids on each text, BOS/EOS included; raise at the first differing position."""
+    total = 0
+    for name, (text, add_special) in texts.items():
+        hf = list(tok(text, add_special_tokens=add_special)["input_ids"])
+        ll = llama_ids(text, add_special)
+        if hf != ll:
+            i = next((k for k, (a, b) in enumerate(zip(hf, ll, strict=False)) if a != b),
+                     min(len(hf), len(ll)))
+            before = tok.decode(hf[max(0, i - 8):i])
+            raise ReleaseError(
+                f"tokenizer parity: {where} tokenizes {name} differently from the trainer's "
+                f"tokenizer: at token {i} (after {before!r}) transformers has "
+                f"{_token(hf, i, tok.convert_ids_to_tokens)}, llama.cpp "
+                f"{_token(ll, i, lambda t: gguf_tokens[t] if 0 <= t < len(gguf_tokens) else '?')}"
+                f" ({len(hf)} vs {len(ll)} ids; the GGUF's pre-tokenizer is {pre!r}). {fix}")
+        total += len(hf)
+    return TokenizerParity(texts=len(texts), tokens=total, pre=pre)
 
 
 def conversion_check(*, model, base: BaseLogits, chunks: int,
@@ -184,42 +244,48 @@ def load_prompts(path: Path) -> list[list[dict]]:
     return found[:MAX_PROMPTS]
 
 
-def _answer_mask(answer, eos_id: int):
-    """True up to and including each row's first EOS (what the model really said)."""
-    import torch
-
-    after_eos = torch.cumsum((answer == eos_id).long(), dim=1) - (answer == eos_id).long()
-    return after_eos == 0
+def render_prompts(tok, prompts: list[list[dict]]) -> list[str]:
+    """Each prompt as the chat template writes it, ready for the assistant's answer."""
+    return [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            for p in prompts]
 
 
-def adapter_effect(*, base, merged, tok, prompts: list[list[dict]],
-                   max_new_tokens: int) -> AdapterResult:
-    """KL(merged || base) on the merged model's greedy answers, and how many answers differ.
+def adapter_effect(*, base, merged, tok, prompts: list[list[dict]], merged_answers: list,
+                   base_answers: list) -> AdapterResult:
+    """KL(merged || base) on the merged GGUF's greedy answers, and how many answers differ.
 
-    All prompts go through as one left-padded batch: a few forward passes
-    instead of one per token and prompt.
+    ``*_answers``: llama-completion's greedy answers (``SmokeRun``) of the merged and base
+    GGUFs to ``prompts``.  The HF models (streamed) score the merged answers, EOS included
+    where the answer ended on it, in one left-padded batch: one forward pass each.
     """
     import torch
 
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    enc = tok.apply_chat_template(prompts, add_generation_prompt=True, padding=True,
-                                  return_tensors="pt", return_dict=True)
-    n = enc["input_ids"].shape[1]
-    seqs = [m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                       pad_token_id=tok.pad_token_id) for m in (base, merged)]
-    texts = [tok.batch_decode(s[:, n:], skip_special_tokens=True) for s in seqs]
-    seq = seqs[1]
-    mask = torch.cat([enc["attention_mask"], torch.ones_like(seq[:, n:])], dim=1)
+    rows, said = [], []
+    for text, answer in zip(render_prompts(tok, prompts), merged_answers, strict=True):
+        head = tok(text, add_special_tokens=False)["input_ids"]  # as the template wrote it
+        tail = tok(answer.text, add_special_tokens=False)["input_ids"]
+        if answer.stopped and tok.eos_token_id is not None:
+            tail = [*tail, tok.eos_token_id]
+        rows.append([*head, *tail])
+        said.append((len(head), len(tail)))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # scored: the positions whose next token is an answer token
+    scored = torch.zeros_like(mask, dtype=torch.bool)
+    for i, (head, tail) in enumerate(said):
+        start = width - head - tail
+        scored[i, start + head - 1:width - 1] = True
     with torch.no_grad():
-        lm, lb = (torch.log_softmax(m(seq, attention_mask=mask, position_ids=positions)
-                                    .logits[:, n - 1:-1].float(), -1) for m in (merged, base))
+        lm, lb = (torch.log_softmax(m(ids, attention_mask=mask, position_ids=positions)
+                                    .logits.float(), -1) for m in (merged, base))
     vocab = min(lm.shape[-1], lb.shape[-1])
     kl = (lm[..., :vocab].exp() * (lm[..., :vocab] - lb[..., :vocab])).sum(-1)
-    said = _answer_mask(seq[:, n:], tok.eos_token_id)
-    return AdapterResult(prompts=len(prompts), kld_mean=float((kl * said).sum() / said.sum()),
+    texts = [[a.text for a in answers] for answers in (base_answers, merged_answers)]
+    return AdapterResult(prompts=len(prompts),
+                         kld_mean=float((kl * scored).sum() / max(int(scored.sum()), 1)),
                          answers_differ=sum(a != b for a, b in zip(*texts, strict=True)),
                          example_prompt=prompts[0][-1]["content"],
-                         example_base=texts[0][0].strip(), example_merged=texts[1][0].strip())
+                         example_base=texts[0][0], example_merged=texts[1][0])

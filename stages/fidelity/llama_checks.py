@@ -2,7 +2,8 @@
 
 Runs ``llama-perplexity`` (base logits of the bf16/f16 GGUF, then KL divergence
 of a quantized GGUF against them) and ``llama-completion`` (one greedy chat
-turn with the GGUF's own chat template), and parses what they print.  Also
+turn with the GGUF's own chat template; greedy answers of the merged and base
+GGUFs to the adapter prompts), and parses what they print.  Also
 reads the base-logits file, so the Hugging Face model can be scored on exactly
 the tokens llama.cpp scored.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +108,16 @@ class BaseLogits:
         return quant * head[:, :1] + head[:, 1:2]
 
 
+def logits_record_path(logits: Path) -> Path:
+    """The JSON record written beside a base-logits file (``reference.kld.json``)."""
+    return logits.with_name(logits.name + ".json")
+
+
+def scored_tokens(*, ctx: int, chunks: int) -> int:
+    """Tokens llama-perplexity scores: the second half of each chunk, its last token aside."""
+    return chunks * (ctx - 1 - ctx // 2)
+
+
 def base_logits_bytes(*, n_vocab: int, ctx: int, chunks: int) -> int:
     """Size of a ``--kl-divergence-base`` file (its layout above): for the disk preflight."""
     scored = ctx - 1 - ctx // 2
@@ -124,12 +136,17 @@ def check_fits(*, tool: Path, gguf: Path, ctx: int) -> None:
     model bigger than memory makes every chunk read it from disk again: hours
     instead of minutes.  Fail first with both numbers, as the merge does.
     """
+    check_memory(f"{tool.name} on {gguf}", tool_memory(gguf, ctx=ctx))
+
+
+def tool_memory(gguf: Path, *, ctx: int) -> int:
+    """What a llama.cpp tool running ``gguf`` with context ``ctx`` holds at most: the whole
+    file mapped, :data:`TOOL_OVERHEAD`, and one batch of logits (counted twice)."""
     try:
         n_vocab = vocab_size(gguf)
     except ReleaseError:
         n_vocab = 0  # the tool itself says what is wrong with the file
-    need = gguf.stat().st_size + TOOL_OVERHEAD + 2 * 4 * ctx * n_vocab
-    check_memory(f"{tool.name} on {gguf}", need)
+    return gguf.stat().st_size + TOOL_OVERHEAD + 2 * 4 * ctx * n_vocab
 
 
 def save_base_logits(*, tool: Path, gguf: Path, text: Path, ctx: int, chunks: int,
@@ -200,6 +217,40 @@ def smoke_chat(*, tool: Path, gguf: Path, prompt: str, max_tokens: int,
          "-t", str(threads()), "--no-display-prompt", "--verbose-prompt", "--no-warmup"],
         f"llama-completion on {gguf}")
     return parse_smoke(stdout, stderr, max_tokens)
+
+
+def greedy_answers(*, tool: Path, gguf: Path, prompts: list[str], max_tokens: int,
+                   ctx: int) -> list[SmokeRun]:
+    """``gguf``'s greedy continuation of each prompt text (chat template already applied;
+    special tokens in it are parsed as such), up to ``max_tokens`` or end of generation."""
+    check_fits(tool=tool, gguf=gguf, ctx=ctx)
+    runs = []
+    for prompt in prompts:
+        stdout, stderr = run_captured(
+            [str(tool), "-m", str(gguf), "-no-cnv", "-p", prompt, "-n", str(max_tokens),
+             "--temp", "0", "--seed", "0", "--repeat-penalty", "1.0", "-c", str(ctx),
+             "-t", str(threads()), "--no-display-prompt", "--no-warmup"],
+            f"llama-completion on {gguf}")
+        runs.append(parse_smoke(stdout, stderr, max_tokens))
+    return runs
+
+
+def llama_token_ids(*, tool: Path, gguf: Path, text: str, add_special: bool) -> list[int]:
+    """llama.cpp's token ids of ``text`` (``llama-tokenize``, the GGUF's vocabulary only):
+    special tokens written in the text parsed as such (its default), and with
+    ``add_special`` the BOS/EOS the GGUF says to add (``tokenizer.ggml.add_bos_token``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "text.txt"
+        path.write_bytes(text.encode("utf-8"))  # read verbatim by llama-tokenize
+        stdout, _ = run_captured(
+            [str(tool), "-m", str(gguf), "-f", str(path), "--ids", "--log-disable",
+             "--no-escape", *([] if add_special else ["--no-bos"])],
+            f"llama-tokenize on {gguf}")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("[")]
+    if not lines:
+        raise ReleaseError(f"llama-tokenize printed no token ids for {gguf}")
+    body = lines[-1].strip("[] \n")
+    return [int(x) for x in body.split(",")] if body else []
 
 
 def read_base_logits(path: Path) -> BaseLogits:

@@ -7,12 +7,17 @@ file, never from folder names or the machine (:func:`gguf_metadata`).  A
 trainer's ``chat_template`` / ``eos_token`` overrides are applied before
 conversion: the script reads a folder of links to the merged model whose
 tokenizer files carry them (:func:`model_view`).
+
+The trainer's base model is converted the same way (``base_only``): named after
+the base, none of the trainer's metadata or overrides; the reference stage
+measures the adapter's effect against it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,6 +77,13 @@ def gguf_metadata(trainer: Trainer) -> dict:
     } | dict.fromkeys(UNSET)
 
 
+def base_metadata(trainer: Trainer) -> dict:
+    """The metadata override of the trainer's base model's GGUF: its name, nothing of ours."""
+    name = trainer.base_model.id.rpartition("/")[2]
+    return {"general.name": name, "general.basename": name,
+            "general.quantized_by": "llm-release"} | dict.fromkeys(UNSET)
+
+
 def check_tokenizer(model: Path) -> None:
     """The converter needs the tokenizer's vocabulary: refuse a folder without a readable one."""
     vocab = [model / "tokenizer.json", model / "tokenizer.model", model / "vocab.json"]
@@ -127,50 +139,122 @@ def override_tokenizer(model: Path, view: Path, trainer: Trainer) -> None:
              ", ".join(k for k in ("chat_template", "eos_token") if getattr(trainer, k)))
 
 
-def model_view(model: Path, view: Path, trainer: Trainer) -> Path:
+def model_view(model: Path, view: Path, trainer: Trainer, *, base_only: bool = False) -> Path:
     """``view``: links to every file of ``model`` plus a README.md holding our license,
     and the tokenizer files with the trainer's overrides when params set them.
 
     gguf-py's ``--metadata`` override has no ``general.license`` key: it takes the
     license only from the model card's front matter (gguf-py/gguf/metadata.py,
     ``use_model_card_metadata("license", ...)``), so the view carries a card
-    whose front matter says what params say.
+    whose front matter says what params say.  ``base_only``: the base as it is, with an
+    empty card (no license or tags of the trainer's) and no overrides.
     """
-    overridden = trainer.chat_template is not None or trainer.eos_token is not None
+    overridden = not base_only and (trainer.chat_template is not None
+                                    or trainer.eos_token is not None)
     replaced = {"README.md"}
     if overridden:
         replaced.add("tokenizer_config.json")
-    if trainer.chat_template is not None:
+    if overridden and trainer.chat_template is not None:
         replaced.update(TOKENIZER_FILES)
     view.mkdir(parents=True, exist_ok=True)
     for item in model.iterdir():
         if item.name not in replaced:
             (view / item.name).symlink_to(item.resolve())
-    card = yaml.safe_dump({"license": trainer.license, "tags": list(trainer.tags),
-                           "base_model": trainer.base_model.id}, sort_keys=False)
+    card = yaml.safe_dump({} if base_only else {"license": trainer.license,
+                                                "tags": list(trainer.tags),
+                                                "base_model": trainer.base_model.id},
+                          sort_keys=False)
     (view / "README.md").write_text(f"---\n{card}---\n")
     if overridden:
         override_tokenizer(model, view, trainer)
     return view
 
 
+def supported_architectures(llama_cpp_version: str) -> frozenset[str] | None:
+    """The HF architectures the pinned converter knows (``TEXT_MODEL_MAP`` in its
+    conversion/__init__.py); None when that file is not laid out so (other versions)."""
+    try:
+        path = source_dir(llama_cpp_version) / "conversion" / "__init__.py"
+        block = path.read_text().split("TEXT_MODEL_MAP", 1)[1].split("}", 1)[0]
+    except (ToolError, OSError, IndexError):  # no tools yet: convert says so itself
+        return None
+    names = frozenset(re.findall(r'"(\w+)"\s*:', block))
+    return names or None
+
+
+def model_architecture(config: dict) -> str | None:
+    """The architecture the converter reads: the text model's, else the first listed."""
+    for source in (config.get("text_config") or {}, config):
+        archs = source.get("architectures") or []
+        if archs:
+            return archs[0]
+    return None
+
+
+def check_architecture(model: Path, llama_cpp_version: str) -> None:
+    """Before any work: refuse an architecture the pinned converter cannot convert."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{model / 'config.json'} is not readable ({exc})") from None
+    arch, known = model_architecture(config), supported_architectures(llama_cpp_version)
+    if arch is None or known is None or arch in known:
+        return
+    family = re.sub(r"(For\w+|Model)$", "", arch)
+    near = sorted(k for k in known if k.lower().startswith(family.lower()[:4]))[:6]
+    raise InputError(
+        f"{model}: architecture {arch} is not one the pinned llama.cpp can convert "
+        f"(llama-cpp-python {llama_cpp_version}'s convert_hf_to_gguf.py knows {len(known)}"
+        + (f", e.g. {', '.join(near)}" if near else "") + "); a newer `llama_cpp.version` may "
+        "support it")
+
+
+def converter_refusal(stderr: str, model: Path, llama_cpp_version: str) -> str | None:
+    """One line for the converter's refusals of a tokenizer it cannot read, else None."""
+    arch = None
+    try:
+        arch = model_architecture(json.loads((model / "config.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    pinned = f"the pinned llama.cpp (llama-cpp-python {llama_cpp_version})"
+    if "BPE pre-tokenizer was not recognized" in stderr:
+        return (f"{model}: {pinned} does not know this tokenizer: convert_hf_to_gguf.py "
+                f"identifies a BPE tokenizer ({arch}) by a hash of its output, and this one's "
+                "is not in its list (get_vocab_base_pre); use the tokenizer the base model "
+                "was published with, or a newer `llama_cpp.version`")
+    if re.search(r"(File not found|Missing) \S*tokenizer\.model", stderr):
+        return (f"{model}: {pinned}'s converter for {arch} reads a SentencePiece "
+                "tokenizer.model, which this folder lacks (its tokenizer.json alone is not "
+                "enough): copy tokenizer.model from the base model into the adapter folder "
+                "or the base folder, then `dvc repro`")
+    return None
+
+
 def convert_to_gguf(*, model: Path, out: Path, trainer: Trainer, outtype: str,
-                    llama_cpp_version: str) -> ConvertResult:
-    """Write ``out`` (a GGUF of ``outtype``) from the HF folder ``model``."""
+                    llama_cpp_version: str, base_only: bool = False) -> ConvertResult:
+    """Write ``out`` (a GGUF of ``outtype``) from the HF folder ``model``: the trainer's
+    merged model, or with ``base_only`` its base model."""
     if not (model / "config.json").is_file():
-        raise InputError(f"{model} has no config.json; is it a merged model folder?")
+        what = "the base model's folder (trainers.<t>.base_model.path)" if base_only else \
+            "a merged model folder"
+        raise InputError(f"{model} has no config.json; is it {what}?")
+    check_architecture(model, llama_cpp_version)
     check_tokenizer(model)
     script = source_dir(llama_cpp_version) / "convert_hf_to_gguf.py"
     check_disk(out, int(model_bytes(model) * DISK_MARGIN))
     with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out) as tmp:
         meta = Path(tmp_dir) / "metadata.json"
-        meta.write_text(json.dumps(gguf_metadata(trainer), indent=2))
-        source = model_view(model, Path(tmp_dir) / "model", trainer)
+        meta.write_text(json.dumps(base_metadata(trainer) if base_only else
+                                   gguf_metadata(trainer), indent=2))
+        source = model_view(model, Path(tmp_dir) / "model", trainer, base_only=base_only)
         cmd = [sys.executable, str(script), str(source), "--outfile", str(tmp),
                "--outtype", outtype, "--metadata", str(meta)]
         log.info("converting %s to %s GGUF", model, outtype)
         result = subprocess.run(cmd, capture_output=True, text=True, **dies_with_parent())
         if result.returncode != 0:
+            known = converter_refusal(result.stderr, model, llama_cpp_version)
+            if known:
+                raise InputError(known)
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise ToolError(
                 f"convert_hf_to_gguf.py failed (exit {result.returncode}) on {model}:\n{tail}"

@@ -11,10 +11,11 @@ touches tensor data.  Format: gguf-py's ``gguf/constants.py`` and
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from stages.core.errors import ReleaseError
 
@@ -78,17 +79,30 @@ class _Damaged(Exception):
 
 
 class _Parser:
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
+    """Reads the header from a memory map: ``struct.unpack_from`` at an offset, no copies
+    but the strings (a 256k vocabulary and its merges are ~500k of them)."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos = buf, 0
+
+    def tell(self) -> int:
+        return self.pos
 
     def take(self, n: int) -> bytes:
-        data = self.fh.read(n)
-        if len(data) != n:
+        end = self.pos + n
+        if end > len(self.buf):
             raise _Damaged(f"the file ends inside its header (wanted {n} bytes)")
+        data, self.pos = self.buf[self.pos:end], end
         return data
 
     def unpack(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
+        fmt = "<" + fmt
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise _Damaged(f"the file ends inside its header (wanted {size} bytes)")
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return values
 
     def count(self, what: str) -> int:
         (n,) = self.unpack("Q")
@@ -105,6 +119,24 @@ class _Parser:
         except UnicodeDecodeError as exc:
             raise _Damaged(f"a string is not UTF-8 ({exc})") from None
 
+    def strings(self, n: int) -> list[str]:
+        """``n`` strings in a row (an array's), without a call per piece."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack_from = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(n):
+                if pos + 8 > end:
+                    raise _Damaged("the file ends inside its header (in a string array)")
+                (size,) = unpack_from(buf, pos)
+                if size > MAX_COUNT or pos + 8 + size > end:
+                    raise _Damaged(f"a string of {size} bytes is not plausible")
+                out.append(buf[pos + 8:pos + 8 + size].decode("utf-8"))
+                pos += 8 + size
+        except UnicodeDecodeError as exc:
+            raise _Damaged(f"a string is not UTF-8 ({exc})") from None
+        self.pos = pos
+        return out
+
     def value(self, kind: int):
         if kind == STRING:
             return self.string()
@@ -117,13 +149,15 @@ class _Parser:
         n = self.count("array")
         if kind in SCALARS:
             return list(self.unpack(f"{n}{SCALARS[kind]}")) if n else []
+        if kind == STRING:
+            return self.strings(n)
         return [self.value(kind) for _ in range(n)]
 
 
-def _parse(path: Path, fh: BinaryIO) -> Header:
+def _parse(path: Path, buf) -> Header:
     from gguf.constants import GGML_QUANT_SIZES
 
-    p = _Parser(fh)
+    p = _Parser(buf)
     if p.take(4) != MAGIC:
         raise _Damaged("it does not start with GGUF")
     (version,) = p.unpack("I")
@@ -155,7 +189,7 @@ def _parse(path: Path, fh: BinaryIO) -> Header:
     alignment = fields.get("general.alignment")
     align = alignment.value if alignment and isinstance(alignment.value, int) and \
         alignment.value > 0 else DEFAULT_ALIGNMENT
-    data_offset = -(-fh.tell() // align) * align
+    data_offset = -(-p.tell() // align) * align
     size = path.stat().st_size
     for tensor in tensors:
         if data_offset + tensor.offset + tensor.n_bytes > size:
@@ -169,8 +203,11 @@ def open_reader(path: Path) -> Header:
     """The header of ``path`` (tensor data is not read); one error line if it is damaged."""
     path = Path(path)
     try:
-        with open(path, "rb", buffering=1 << 20) as fh:
-            return _parse(path, fh)
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise _Damaged("it is empty")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(path, buf)
     except FileNotFoundError:
         raise ReleaseError(f"{path} not found") from None
     except (_Damaged, struct.error, OSError) as exc:
@@ -179,8 +216,33 @@ def open_reader(path: Path) -> Header:
 
 
 def vocab_size(path: Path) -> int:
-    """Number of tokens in the GGUF's vocabulary (the logits' width)."""
-    return len(open_reader(path).get("tokenizer.ggml.tokens") or [])
+    """Number of tokens in the GGUF's vocabulary (the logits' width).
+
+    Reads the metadata up to that array only (a stage asks before a tool starts:
+    decoding the whole vocabulary and its merges would cost more than the check)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            p = _Parser(buf)
+            if p.take(4) != MAGIC or p.unpack("I")[0] not in VERSIONS:
+                raise _Damaged("it does not start with a GGUF header llama.cpp reads")
+            p.count("tensor")
+            for _ in range(p.count("metadata")):
+                name = p.string()
+                (kind,) = p.unpack("I")
+                if kind != ARRAY:
+                    p.value(kind)
+                    continue
+                if name == "tokenizer.ggml.tokens":
+                    p.unpack("I")
+                    return p.count("array")
+                p.array()
+        return 0
+    except FileNotFoundError:
+        raise ReleaseError(f"{path} not found") from None
+    except (_Damaged, struct.error, OSError, ValueError) as exc:
+        raise ReleaseError(f"{path} is not a readable GGUF file ({exc}): it is truncated or "
+                           "damaged") from None
 
 
 def chat_info(reader) -> ChatInfo:

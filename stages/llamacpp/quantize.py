@@ -1,6 +1,6 @@
 """One full-precision GGUF -> one quantization level, with llama-quantize.
 
-Besides the GGUF, a ``<LEVEL>.json`` record: bytes, sha256, the level's options,
+Besides the GGUF, a ``<LEVEL>.json`` record: bytes, the level's options,
 and the tensors where llama.cpp fell back to another type (K-quants need rows
 that are a multiple of 256; SmolLM2's 576-wide rows are not), which the card
 uses to explain a level that measures worse than a smaller one.
@@ -17,7 +17,6 @@ from pathlib import Path
 from stages.config.params import QuantLevel
 from stages.core import atomic
 from stages.core.errors import InputError, ReleaseError, ToolError
-from stages.core.hashing import sha256_file
 from stages.core.preflight import check_disk, threads
 from stages.llamacpp.gguf_meta import open_reader
 from stages.llamacpp.tools import run_tool, tool_path
@@ -50,7 +49,6 @@ class QuantizeResult:
     level: str
     out: Path
     bytes: int
-    sha256: str
     fallbacks: tuple[Fallback, ...]
 
 
@@ -94,9 +92,10 @@ def quantize_gguf(*, source: Path, out: Path, level: QuantLevel,
     for fb in fallbacks:
         log.warning("%s: %d tensors used %s instead of %s (rows not a multiple of %d)",
                     level.name, fb.tensors, fb.used, fb.wanted, fb.block)
-    res = QuantizeResult(level=level.name, out=out, bytes=out.stat().st_size,
-                         sha256=sha256_file(out), fallbacks=fallbacks)
-    record = {"level": res.level, "file": out.name, "bytes": res.bytes, "sha256": res.sha256,
+    # No sha256 here: the card hashes what it publishes, and this stage costs what
+    # llama-quantize costs (make bench-pipeline).
+    res = QuantizeResult(level=level.name, out=out, bytes=out.stat().st_size, fallbacks=fallbacks)
+    record = {"level": res.level, "file": out.name, "bytes": res.bytes,
               "options": level.model_dump(), "fallbacks": [asdict(f) for f in fallbacks],
               "llama_cpp": llama_cpp_version}
     atomic.write_text(record_path(out), json.dumps(record, indent=2) + "\n")

@@ -132,7 +132,6 @@ def place_ggufs(*, tmp: Path, trainer: Trainer, records: list[dict], quant_dir: 
             link_or_copy(plan.source, paths[0])
         for index, path in enumerate(paths, 1):
             art = artifact(tmp.parent, path, fmt=FORMAT, kind="gguf", level=rec["level"],
-                           sha256=None if plan.split else rec["sha256"],
                            shard=(index, len(paths)) if plan.split else None)
             arts.append(art)
             files.append({"file": path.name, "level": rec["level"], "size": human_size(art.bytes),
