@@ -62,8 +62,16 @@ def metrics(*, size: int, bpw: float, kld: KldStats, smoke: SmokeRun | None) -> 
             "smoke_pass": smoke.stopped if smoke else None}
 
 
+def token_text(reader, token_id: int | None) -> str | None:
+    """A token's text as llama.cpp prints it (byte-level BPE and SentencePiece spaces)."""
+    tokens = reader.get("tokenizer.ggml.tokens") or []
+    if token_id is None or not 0 <= token_id < len(tokens):
+        return None
+    return tokens[token_id].replace("\u0120", " ").replace("\u2581", " ")
+
+
 def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun | None,
-                bos_id: int | None) -> None:
+                bos_id: int | None, eos_text: str | None = None) -> None:
     """Fail with the figures when ``level`` is beyond its threshold or does not stop."""
     if kld.kld_mean > max_kld:
         raise ReleaseError(
@@ -79,7 +87,9 @@ def check_level(*, level: str, kld: KldStats, max_kld: float, smoke: SmokeRun | 
             f"end-of-turn (evaluate.smoke.max_tokens = {smoke.max_tokens}); it began "
             f"{smoke.text[:120]!r}. Check the chat template and EOS (reference stage) and the "
             "fine-tune itself.")
-    if not smoke.text.strip():
+    # llama-completion echoes an end-of-generation token that is not a control token: a
+    # reply that is only the EOS's text ended at once too
+    if not smoke.text.strip() or (eos_text and smoke.text.strip() == eos_text.strip()):
         raise ReleaseError(
             f"{level}: the smoke reply is empty: the model ended its turn at once "
             f"({smoke.tokens} token{'s' if smoke.tokens != 1 else ''}, an end-of-generation "
@@ -117,8 +127,9 @@ def run(*, params: Params, level: str, gguf: Path, logits: Path, out: Path,
     else:
         log.info("%s: no smoke turn (evaluate.smoke.skip names trainer %s)", level, trainer)
     reader = open_reader(gguf)
-    check_level(level=level, kld=kld, max_kld=max_kld, smoke=smoke,
-                bos_id=chat_info(reader).bos_id)
+    info = chat_info(reader)
+    check_level(level=level, kld=kld, max_kld=max_kld, smoke=smoke, bos_id=info.bos_id,
+                eos_text=token_text(reader, info.eos_id))
     size = gguf.stat().st_size
     values = metrics(size=size, bpw=bits_per_weight(reader, gguf), kld=kld, smoke=smoke)
     details = {"level": level, "file": gguf.name, "bytes": size, **values,

@@ -335,7 +335,8 @@ def test_a_gguf_with_another_rope_theta_fails_the_conversion_check(built_repo: P
 def test_a_gguf_that_ends_its_turn_at_once_fails_the_smoke_turn(built_repo: Path,
                                                                 tmp_path: Path) -> None:
     """sft's Q8_0 GGUF whose EOS id is the first token its reply starts with (a GGUF with a
-    wrong EOS id): llama-completion stops at once, and the empty reply fails the level."""
+    wrong EOS id): llama-completion stops at once (printing that token's text, as it prints
+    an end-of-generation token that is not a control token), and the level fails."""
     from stages.fidelity.llama_checks import llama_token_ids
     from stages.llamacpp.tools import run_captured, tool_path
 

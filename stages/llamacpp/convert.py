@@ -222,7 +222,7 @@ def converter_refusal(stderr: str, model: Path, llama_cpp_version: str) -> str |
                 f"identifies a BPE tokenizer ({arch}) by a hash of its output, and this one's "
                 "is not in its list (get_vocab_base_pre); use the tokenizer the base model "
                 "was published with, or a newer `llama_cpp.version`")
-    if re.search(r"(File not found|Missing) \S*tokenizer\.model", stderr):
+    if re.search(r"(File not found|Missing):? \S*tokenizer\.model", stderr):
         return (f"{model}: {pinned}'s converter for {arch} reads a SentencePiece "
                 "tokenizer.model, which this folder lacks (its tokenizer.json alone is not "
                 "enough): copy tokenizer.model from the base model into the adapter folder "
