@@ -218,15 +218,21 @@ def test_adapter_with_zeroed_lora_b_fails_the_adapter_check(clone: Path) -> None
     assert "zeroed/final_model" in res.stderr and "Traceback" not in res.stderr
 
 
+def run_reference(repo: Path, out: Path, *, gguf: object = "build/sft/work/full.gguf",
+                  merged: object = "build/sft/work/merged",
+                  logits: object = "build/sft/work/reference.kld"):
+    """sft's reference stage in ``repo`` on these inputs, writing ``out``; not checked."""
+    return run([str(repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
+                "--gguf", str(gguf), "--base-gguf", "build/sft/work/base.gguf",
+                "--merged", str(merged), "--logits", str(logits), "--out", str(out)],
+               cwd=repo, check=False)
+
+
 def test_merged_files_of_another_adapter_fail_the_adapter_check(built_repo: Path,
                                                                 tmp_path: Path) -> None:
     """kto's merged files checked as sft's: the first LoRA target named, nothing written."""
     out = tmp_path / "eval" / "reference.json"
-    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
-               "--gguf", "build/sft/work/full.gguf",
-               "--base-gguf", "build/sft/work/base.gguf", "--merged", "build/kto/work/merged",
-               "--logits", "build/sft/work/reference.kld", "--out", str(out)], cwd=built_repo,
-              check=False)
+    res = run_reference(built_repo, out, merged="build/kto/work/merged")
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: merged tensor `model.layers.0."), last
@@ -270,10 +276,7 @@ def test_a_gguf_with_another_pre_tokenizer_fails_tokenizer_parity(built_repo: Pa
     assert with_field(built_repo / "build/sft/work/full.gguf", gguf,
                       "tokenizer.ggml.pre", "llama3") == "smollm"
     out = tmp_path / "eval" / "reference.json"
-    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
-               "--gguf", str(gguf), "--base-gguf", "build/sft/work/base.gguf",
-               "--merged", "build/sft/work/merged", "--logits", "build/sft/work/reference.kld",
-               "--out", str(out)], cwd=built_repo, check=False)
+    res = run_reference(built_repo, out, gguf=gguf)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: tokenizer parity: {gguf} tokenizes the evaluation text "
@@ -295,10 +298,7 @@ def test_a_gguf_that_adds_bos_before_a_template_that_writes_it_fails(built_repo:
     assert with_field(built_repo / "build/sft/work/full.gguf", gguf,
                       "tokenizer.ggml.add_bos_token", True) is False
     out = tmp_path / "eval" / "reference.json"
-    res = run([str(built_repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
-               "--gguf", str(gguf), "--base-gguf", "build/sft/work/base.gguf",
-               "--merged", "build/sft/work/merged", "--logits", "build/sft/work/reference.kld",
-               "--out", str(out)], cwd=built_repo, check=False)
+    res = run_reference(built_repo, out, gguf=gguf)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {gguf} adds BOS (tokenizer.ggml.add_bos_token) and the "
@@ -320,9 +320,7 @@ def test_a_gguf_with_another_rope_theta_fails_the_conversion_check(built_repo: P
     run([python, "-m", "stages.logits", "--gguf", str(gguf), "--out", str(logits)],
         cwd=built_repo)
     out = tmp_path / "eval" / "reference.json"
-    res = run([python, "-m", "stages.reference", "--trainer", "sft", "--gguf", str(gguf),
-               "--base-gguf", "build/sft/work/base.gguf", "--merged", "build/sft/work/merged",
-               "--logits", str(logits), "--out", str(out)], cwd=built_repo, check=False)
+    res = run_reference(built_repo, out, gguf=gguf, logits=logits)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: conversion check: {gguf} disagrees with the merged HF model: "
