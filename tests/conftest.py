@@ -25,6 +25,7 @@ build a model of a few hundred MB (test_streamed.py), each with its reason.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """``mktemp`` for a module's fixtures. What it made is deleted once the module is
+    done, unless a test failed meanwhile (kept to look at). A run leaves gigabytes of
+    repo copies and remotes; tests' own ``tmp_path`` goes when they pass (pyproject's
+    ``tmp_path_retention_policy``), and this does the same for module fixtures."""
+    made: list[Path] = []
+    failed = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

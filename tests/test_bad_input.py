@@ -212,9 +212,9 @@ def test_convert_refuses_an_architecture_the_pinned_llama_cpp_lacks(llama_tools:
 
 
 @pytest.fixture(scope="module")
-def bad_repo(built_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bad_repo(built_repo: Path, module_tmp) -> Path:
     """A copy of the built demo (sharing its DVC cache) to break things in."""
-    return copy_repo(REPO, tmp_path_factory.mktemp("bad") / "repo", cache_from=built_repo)
+    return copy_repo(REPO, module_tmp("bad") / "repo", cache_from=built_repo)
 
 
 @pytest.mark.parametrize("case", ["damaged header", "architecture llama.cpp lacks"])

@@ -46,9 +46,9 @@ pytestmark = pytest.mark.usefixtures("llama_tools")
 
 
 @pytest.fixture(scope="module")
-def family_root(smollm2_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def family_root(smollm2_base: Path, module_tmp) -> Path:
     """Every family's base and adapter, and one params file with a trainer per family."""
-    root = tmp_path_factory.mktemp("families")
+    root = module_tmp("families")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     trainers = {}
     for family in FAMILIES:

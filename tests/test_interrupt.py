@@ -39,8 +39,8 @@ TOOLS = ("llama-quantize", "llama-perplexity", "llama-completion", "llama-gguf-s
 
 
 @pytest.fixture(scope="module")
-def kill_repo(built_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_repo(REPO, tmp_path_factory.mktemp("interrupt") / "repo", cache_from=built_repo)
+def kill_repo(built_repo: Path, module_tmp) -> Path:
+    return copy_repo(REPO, module_tmp("interrupt") / "repo", cache_from=built_repo)
 
 
 def temps(folder: Path) -> list[Path]:

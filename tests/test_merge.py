@@ -56,10 +56,10 @@ SMOL_CASES = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="session")
-def smol_merges(smollm2_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+@pytest.fixture(scope="module")
+def smol_merges(smollm2_base: Path, module_tmp) -> dict:
     """Each SmolLM2 case: its real peft adapter and our merge of it (built once)."""
-    root = tmp_path_factory.mktemp("smol_merges")
+    root = module_tmp("smol_merges")
     cases = {}
     for seed, (name, (config, resize)) in enumerate(SMOL_CASES.items()):
         adapter = build_peft_adapter(smollm2_base, root / name, peft_config(**config), seed=seed,

@@ -92,10 +92,10 @@ def regular_bytes(hub: HubServer, names: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def published(built_repo: Path, tmp_path_factory: pytest.TempPathFactory
+def published(built_repo: Path, module_tmp
               ) -> Iterator[Published]:
     """A copy of the built demo with the sft release pointed at a local Hub, pushed once."""
-    tmp = tmp_path_factory.mktemp("push_hub")
+    tmp = module_tmp("push_hub")
     repo = copy_repo(built_repo, tmp / "repo", cache_from=built_repo)
     with HubServer() as hub:
         hub.add_token(TOKEN, user="alice", role="write")

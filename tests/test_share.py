@@ -181,9 +181,9 @@ SHARE_SECONDS: dict[str, float] = {}  # machine A's `make share`, for the closin
 
 
 @pytest.fixture(scope="module")
-def shared_remote(built_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def shared_remote(built_repo: Path, module_tmp) -> Iterator[Path]:
     """Machine A (the session build) after ``make share`` to a temporary remote."""
-    remote = tmp_path_factory.mktemp("share") / "remote"
+    remote = module_tmp("share") / "remote"
     config = built_repo / ".dvc/config.local"
     before = config.read_text() if config.is_file() else None
     point_remote(built_repo, remote)
@@ -209,10 +209,10 @@ class Clone:
 
 @pytest.fixture(scope="module")
 def clone_b(built_repo: Path, shared_remote: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Clone:
+            module_tmp) -> Clone:
     """Machine B: a fresh copy (A's dvc.lock, no outputs, empty cache) running ``make demo``
     against A's remote, publishing to A's push target (``published/``, linked)."""
-    repo = copy_repo(built_repo, tmp_path_factory.mktemp("clone_b") / "repo")
+    repo = copy_repo(built_repo, module_tmp("clone_b") / "repo")
     point_remote(repo, shared_remote)
     os.symlink(built_repo / "published", repo / "published")
     start = time.monotonic()
