@@ -220,12 +220,13 @@ def test_adapter_with_zeroed_lora_b_fails_the_adapter_check(clone: Path) -> None
 
 def run_reference(repo: Path, out: Path, *, gguf: object = "build/sft/work/full.gguf",
                   merged: object = "build/sft/work/merged",
-                  logits: object = "build/sft/work/reference.kld"):
+                  logits: object = "build/sft/work/reference.kld",
+                  params: object = "params.yaml"):
     """sft's reference stage in ``repo`` on these inputs, writing ``out``; not checked."""
     return run([str(repo / ".venv/bin/python"), "-m", "stages.reference", "--trainer", "sft",
                 "--gguf", str(gguf), "--base-gguf", "build/sft/work/base.gguf",
-                "--merged", str(merged), "--logits", str(logits), "--out", str(out)],
-               cwd=repo, check=False)
+                "--merged", str(merged), "--logits", str(logits), "--out", str(out),
+                "--params", str(params)], cwd=repo, check=False)
 
 
 def test_merged_files_of_another_adapter_fail_the_adapter_check(built_repo: Path,
@@ -287,23 +288,28 @@ def test_a_gguf_with_another_pre_tokenizer_fails_tokenizer_parity(built_repo: Pa
     assert not out.exists()
 
 
-def test_a_gguf_that_adds_bos_before_a_template_that_writes_it_fails(built_repo: Path,
-                                                                    tmp_path: Path) -> None:
-    """sft's GGUF with `tokenizer.ggml.add_bos_token` set: SmolLM2's BOS is `<|im_start|>`,
-    which its template writes first, so llama.cpp's tokenization of a rendered prompt (what
-    a client sending the template's text gets) starts with it twice.  (`llama-completion
-    --jinja` strips a template's leading BOS itself, common/chat.cpp: the smoke turn of a
-    level cannot see this.)"""
+def test_a_template_that_writes_bos_twice_fails_the_bos_check(built_repo: Path,
+                                                              tmp_path: Path) -> None:
+    """sft released with a chat template override that writes `{{ bos_token }}` before
+    SmolLM2's own first token, which is its BOS (`<|im_start|>`): converted for real, the
+    GGUF carries that template, and llama.cpp's tokenization of a rendered prompt starts
+    with BOS twice (llama-tokenize's output, after llama.cpp's chat path has removed what
+    it removes).  (`llama-completion --jinja` in a level's smoke turn feeds the same.)"""
+    python = str(built_repo / ".venv/bin/python")
+    params = yaml.safe_load((built_repo / "params.yaml").read_text())
+    template = (built_repo / "build/sft/work/merged/chat_template.jinja").read_text()
+    params["trainers"]["sft"]["chat_template"] = "{{ bos_token }}" + template
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     gguf = tmp_path / "full.gguf"
-    assert with_field(built_repo / "build/sft/work/full.gguf", gguf,
-                      "tokenizer.ggml.add_bos_token", True) is False
+    run([python, "-m", "stages.convert", "--trainer", "sft", "--model", "build/sft/work/merged",
+         "--out", str(gguf), "--params", str(tmp_path / "params.yaml"), "--quiet"],
+        cwd=built_repo)
     out = tmp_path / "eval" / "reference.json"
-    res = run_reference(built_repo, out, gguf=gguf)
+    res = run_reference(built_repo, out, gguf=gguf, params=tmp_path / "params.yaml")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {gguf} adds BOS (tokenizer.ggml.add_bos_token) and the "
-                           "chat template writes it too: prompts would start with two BOS "
-                           "tokens (1)"), last
+    assert last.startswith(f"error: {gguf}: the chat template writes BOS twice: prompts would "
+                           "start with two BOS tokens (1)"), last
     assert not out.exists()
 
 
@@ -414,11 +420,22 @@ def chat_info(tok, **change) -> ChatInfo:
     ({"chat_template": "{{ messages[0]['content'] }}"}, "differs from the trainer's (at char"),
     ({"eos_id": 0}, "EOS id is 0, the trainer's tokenizer says 2"),
     ({"stop_strings": ("<|endoftext|>",)}, "none of the GGUF's end-of-generation tokens"),
-    ({"add_bos": True}, "prompts would start with two BOS tokens (1)"),
+    # SmolLM2's BOS is <|im_start|>, its template's first token: llama.cpp's chat path
+    # removes it from the rendered text before adding BOS, so one BOS reaches the model.
+    ({"add_bos": True}, None),
+    ({"add_bos": True, "template": "{{ bos_token }}"},
+     "adds BOS (tokenizer.ggml.add_bos_token) and the chat template writes it after llama.cpp "
+     "has removed one: prompts would start with two BOS tokens (1)"),
+    ({"template": "{{ bos_token }}"},
+     "the chat template writes BOS twice: prompts would start with two BOS tokens (1)"),
 ])
 def test_chat_check_names_each_broken_piece(tokenizer, change: dict, message: str | None) -> None:
     from stages.fidelity.hf_checks import check_chat
 
+    if "template" in change:  # written before the trainer's own template, in both files
+        tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+        tokenizer.chat_template = change.pop("template") + tokenizer.chat_template
+        change = {**change, "chat_template": tokenizer.chat_template}
     info = chat_info(tokenizer, **change)
     if message is None:
         result = check_chat(tok=tokenizer, gguf=info, where="x.gguf", fix="Fix it.")

@@ -105,8 +105,9 @@ def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str, llama_ids=None) -> 
     """The GGUF's template and special tokens against ``tok``; raise on the first problem.
 
     ``llama_ids(text, add_special)``: llama.cpp's own tokenization (``llama-tokenize``), for
-    the BOS check on what llama.cpp really feeds a model given the rendered prompt; without
-    it, the trainer's tokenizer plus the GGUF's add_bos stands in."""
+    the BOS check on what llama.cpp's chat path really feeds a model given the rendered
+    prompt (one leading BOS removed where the GGUF adds it); without it, the trainer's
+    tokenizer plus the GGUF's add_bos stands in."""
     hf = tok.chat_template
     if not gguf.chat_template:
         raise ReleaseError(f"{where} has no tokenizer.chat_template; chat tools would fall back "
@@ -133,15 +134,23 @@ def check_chat(*, tok, gguf: ChatInfo, where: str, fix: str, llama_ids=None) -> 
     if tok.eos_token_id != gguf.eos_id:
         raise ReleaseError(f"{where}: EOS id is {gguf.eos_id}, the trainer's tokenizer says "
                            f"{tok.eos_token_id} ({tok.eos_token!r}). {fix}")
+    # As llama.cpp's chat path does (common/chat.cpp, common_chat_template_direct_apply):
+    # a GGUF that adds BOS has one leading BOS of the rendered template removed first,
+    # so Llama 3's and Gemma's `{{ bos_token }}...` templates give one BOS, not two.
+    bos = tok.convert_ids_to_tokens(gguf.bos_id) if gguf.bos_id is not None else None
+    if gguf.add_bos and isinstance(bos, str) and bos and prompt.startswith(bos):
+        prompt = prompt[len(bos):]
     if llama_ids is not None:
         ids = llama_ids(prompt, True)
     else:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         ids = [gguf.bos_id, *ids] if gguf.add_bos else ids
     if gguf.bos_id is not None and ids[:2] == [gguf.bos_id, gguf.bos_id]:
-        raise ReleaseError(f"{where} adds BOS (tokenizer.ggml.add_bos_token) and the chat "
-                           f"template writes it too: prompts would start with two BOS "
-                           f"tokens ({gguf.bos_id}). {fix}")
+        how = ("adds BOS (tokenizer.ggml.add_bos_token) and the chat template writes it after "
+               "llama.cpp has removed one" if gguf.add_bos
+               else "the chat template writes BOS twice")
+        raise ReleaseError(f"{where}: {how}: prompts would start with two BOS tokens "
+                           f"({gguf.bos_id}). {fix}")
     return ChatCheck(template_sha256=hashlib.sha256(hf.encode()).hexdigest(),
                      eos_token=tok.eos_token, eos_id=int(tok.eos_token_id),
                      add_bos=bool(gguf.add_bos), turn_end=after[:min(ends)])
