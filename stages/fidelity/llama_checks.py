@@ -156,10 +156,10 @@ def save_base_logits(*, tool: Path, gguf: Path, text: Path, ctx: int, chunks: in
     ``out`` is written in place: pass a temporary path (``atomic.output_file``).
     """
     check_fits(tool=tool, gguf=gguf, ctx=ctx)
-    stdout, stderr = run_captured(
+    stdout, stderr = run_until(
         [str(tool), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks",
          str(chunks), "-t", str(threads()), "--kl-divergence-base", str(out)],
-        f"llama-perplexity --kl-divergence-base on {gguf}")
+        f"llama-perplexity --kl-divergence-base on {gguf}", FINAL_PPL)
     got = re.search(r"calculating perplexity over (\d+) chunks", stderr)
     if got is None or int(got.group(1)) < chunks:
         raise ReleaseError(
@@ -187,9 +187,10 @@ def parse_kld_stats(text: str) -> KldStats:
 def kl_divergence(*, tool: Path, gguf: Path, base: Path, ctx: int) -> KldStats:
     """KL divergence (and PPL ratio, same top token) of ``gguf`` against ``base``."""
     check_fits(tool=tool, gguf=gguf, ctx=ctx)
-    stdout, stderr = run_captured(
+    stdout, stderr = run_until(
         [str(tool), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
-         "-c", str(ctx), "-t", str(threads())], f"llama-perplexity --kl-divergence on {gguf}")
+         "-c", str(ctx), "-t", str(threads())], f"llama-perplexity --kl-divergence on {gguf}",
+        re.compile(list(KLD_LINES.values())[-1]))
     return parse_kld_stats(stdout + "\n" + stderr)
 
 
@@ -210,13 +211,29 @@ def smoke_chat(*, tool: Path, gguf: Path, prompt: str, max_tokens: int,
                repeat_penalty: float) -> SmokeRun:
     """One greedy chat turn with the chat template embedded in ``gguf`` (Jinja)."""
     check_fits(tool=tool, gguf=gguf, ctx=max(512, 4 * max_tokens))
-    stdout, stderr = run_captured(
+    stdout, stderr = run_until(
         [str(tool), "-m", str(gguf), "--jinja", "-cnv", "--single-turn", "-p", prompt,
          "-n", str(max_tokens), "--temp", "0", "--seed", "0",
          "--repeat-penalty", str(repeat_penalty), "-c", str(max(512, 4 * max_tokens)),
          "-t", str(threads()), "--no-display-prompt", "--verbose-prompt", "--no-warmup"],
-        f"llama-completion on {gguf}")
+        f"llama-completion on {gguf}", EVAL_RUNS)
     return parse_smoke(stdout, stderr, max_tokens)
+
+
+def run_until(cmd: list[str], what: str, done: re.Pattern, tries: int = 5) -> tuple[str, str]:
+    """Run a llama.cpp tool until its output holds ``done`` (at most ``tries`` times).
+
+    The pinned tools log through an asynchronous logger that exit does not drain: a run
+    that finishes within milliseconds (a tiny model) sometimes exits 0 with its last
+    lines unwritten, timings and results included (llama-completion on a tiny Gemma 2:
+    7 runs in 40).  The work is deterministic, so a rerun gives the same figures."""
+    for attempt in range(1, tries + 1):
+        stdout, stderr = run_captured(cmd, what)
+        if done.search(stdout) or done.search(stderr) or attempt == tries:
+            return stdout, stderr
+        log.warning("%s exited before printing all of its output (try %d of %d)", what,
+                    attempt, tries)
+    raise AssertionError("unreachable")
 
 
 def greedy_answers(*, tool: Path, gguf: Path, prompts: list[str], max_tokens: int,
@@ -226,11 +243,11 @@ def greedy_answers(*, tool: Path, gguf: Path, prompts: list[str], max_tokens: in
     check_fits(tool=tool, gguf=gguf, ctx=ctx)
     runs = []
     for prompt in prompts:
-        stdout, stderr = run_captured(
+        stdout, stderr = run_until(
             [str(tool), "-m", str(gguf), "-no-cnv", "-p", prompt, "-n", str(max_tokens),
              "--temp", "0", "--seed", "0", "--repeat-penalty", "1.0", "-c", str(ctx),
              "-t", str(threads()), "--no-display-prompt", "--no-warmup"],
-            f"llama-completion on {gguf}")
+            f"llama-completion on {gguf}", EVAL_RUNS)
         runs.append(parse_smoke(stdout, stderr, max_tokens))
     return runs
 
