@@ -7,8 +7,8 @@ whose trainers are the families (one level, few chunks, no smoke turn: random we
 never stop).  The merged tensors are checked against peft's own ``merge_and_unload`` in
 float64, independently of the reference stage's adapter check; the GGUF must load in
 llama.cpp (quantize, logits and evaluate read it) and the card must render.  A family
-whose converter refuses the demo's tokenizer (:data:`REFUSED`) must stop at convert
-with one error line that says why.
+whose converter refuses every tokenizer that can be made here (:data:`REFUSED`) must
+stop at convert with one error line that says why.
 """
 
 from __future__ import annotations
@@ -23,23 +23,19 @@ import pytest
 import torch
 import yaml
 
-from tests.families import FAMILIES, build_adapter, build_base
+from tests.families import FAMILIES, SENTENCEPIECE, build_adapter, build_base, build_sp_tokenizer
 from tests.merge_fixtures import load_model_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 LEVEL = "Q8_0"
-# Families whose converter refuses the demo's tokenizer (tests/families.py): the convert
-# stage stops with one error line saying why.  Qwen2's converter identifies a BPE
-# tokenizer by a hash of its output and does not know this one; Gemma 2's and Phi-3's
-# read a SentencePiece tokenizer.model.  (One could be trained here with sentencepiece:
-# not done yet, so these three are tested up to that error.)
+# Families whose converter refuses the demo's tokenizer and no other can be made here: the
+# convert stage stops with one error line saying why.  Qwen2's converter identifies a BPE
+# tokenizer by a hash of its output (convert_hf_to_gguf_update.py's list, each a real
+# model's tokenizer from the Hub) and knows none that can be built offline.  Gemma 2 and
+# Phi-3 get a SentencePiece tokenizer trained here (tests/families.py).
 REFUSED = {
     "qwen2": "does not know this tokenizer: convert_hf_to_gguf.py identifies a BPE tokenizer "
              "(Qwen2ForCausalLM) by a hash of its output",
-    "gemma2": "converter for Gemma2ForCausalLM reads a SentencePiece tokenizer.model, which "
-              "this folder lacks",
-    "phi3": "converter for Phi3ForCausalLM reads a SentencePiece tokenizer.model, which this "
-            "folder lacks",
 }
 
 pytestmark = pytest.mark.usefixtures("llama_tools")
@@ -52,7 +48,13 @@ def family_root(smollm2_base: Path, module_tmp) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     trainers = {}
     for family in FAMILIES:
-        base = build_base(root / family / "base", family, smollm2_base)
+        tokenizer = smollm2_base
+        if family in SENTENCEPIECE:
+            style = SENTENCEPIECE[family]
+            tokenizer = root / f"sentencepiece-{style}"
+            if not tokenizer.is_dir():
+                build_sp_tokenizer(tokenizer, style, REPO / "data/eval.txt")
+        base = build_base(root / family / "base", family, tokenizer)
         adapter = build_adapter(root / family / "run", base, family)
         trainers[family] = {
             "output_root": str(root / family), "adapter": str(adapter),

@@ -50,7 +50,15 @@ SMOL_CASES = {
                              modules_to_save=["lm_head"]), None),
     "resized_vocab": (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                            modules_to_save=["embed_tokens", "lm_head"]), RESIZED),
+    # As Unsloth's get_peft_model + save_pretrained leave it (continued-pretraining
+    # recipe): the seven projections, r = alpha = 16, no dropout, both embeddings trained
+    # whole on a tied base, and the adapter naming the 4-bit base it was trained on.
+    "unsloth": (dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj"],
+                     modules_to_save=["embed_tokens", "lm_head"]), None),
 }
+UNSLOTH_BASE = "unsloth/SmolLM2-135M-Instruct-bnb-4bit"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,6 +72,11 @@ def smol_merges(smollm2_base: Path, module_tmp) -> dict:
     for seed, (name, (config, resize)) in enumerate(SMOL_CASES.items()):
         adapter = build_peft_adapter(smollm2_base, root / name, peft_config(**config), seed=seed,
                                      resize=resize, tokenizer=resize is not None)
+        if name == "unsloth":
+            config_file = adapter / "adapter_config.json"
+            saved = json.loads(config_file.read_text())
+            config_file.write_text(json.dumps({**saved, "base_model_name_or_path": UNSLOTH_BASE},
+                                              indent=2))
         result = merge.merge_adapter(base=smollm2_base, adapter=adapter,
                                      out=root / f"{name}-merged")
         cases[name] = (adapter, result, resize)
@@ -113,7 +126,7 @@ def test_smol_config_tokenizer_and_template(smol_merges: dict, smollm2_base: Pat
     assert untied["tie_word_embeddings"] is False
 
 
-@pytest.mark.parametrize("case", ["modules_to_save", "resized_vocab"])
+@pytest.mark.parametrize("case", ["modules_to_save", "resized_vocab", "unsloth"])
 def test_smol_merged_model_loads_and_matches_the_adapter(case: str, smol_merges: dict,
                                                          smollm2_base: Path) -> None:
     from peft import PeftModel

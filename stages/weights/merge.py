@@ -141,10 +141,39 @@ def side_files(base: Path, adapter: Path) -> dict[str, Path]:
     template_src = (adapter if any((adapter / f).is_file() for f in TEMPLATE_FILES)
                     else tokenizer_src)
     chosen = {f: tokenizer_src / f for f in TOKENIZER_FILES if (tokenizer_src / f).is_file()}
+    # A run's tokenizer saved by transformers 5 is tokenizer.json alone, while llama.cpp's
+    # converters for SentencePiece families (Gemma, Llama 2, Phi-3) read tokenizer.model:
+    # the base's then. Tokens the run added are in tokenizer.json, which the converter
+    # reads too; reference's tokenizer parity proves the two agree.
+    if "tokenizer.model" not in chosen and (base / "tokenizer.model").is_file():
+        chosen["tokenizer.model"] = base / "tokenizer.model"
     chosen |= {f: template_src / f for f in TEMPLATE_FILES if (template_src / f).is_file()}
     found = [src / GENERATION_CONFIG for src in (adapter, base)
              if (src / GENERATION_CONFIG).is_file()]
     return chosen | ({GENERATION_CONFIG: found[0]} if found else {})
+
+
+def with_added_tokens(folder: Path) -> None:
+    """Give a SentencePiece tokenizer's tokenizer_config.json the ``added_tokens_decoder``
+    that transformers 5 no longer writes there (only in tokenizer.json).
+
+    llama.cpp's converter for Gemma (``_create_vocab_sentencepiece``) marks a token
+    special from that key alone: without it, ``<start_of_turn>`` becomes a plain piece that
+    llama.cpp never parses from a chat prompt (reference's tokenizer parity saw it).
+    """
+    config_file, tokenizer_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not ((folder / "tokenizer.model").is_file() and config_file.is_file()
+            and tokenizer_file.is_file()):
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
+    if config.get("added_tokens_decoder") or not added:
+        return
+    keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    config["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys if k in t}
+                                      for t in added}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
 
 
 def merged_config(config: dict, plan: MergePlan) -> dict:
@@ -321,6 +350,7 @@ def merge_adapter(*, base: Path | None, adapter: Path, out: Path,
         (tmp / "config.json").write_text(json.dumps(merged_config(config, plan), indent=2) + "\n")
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
+        with_added_tokens(tmp)
     merged = sum(t.lora is not None or t.lora_bias is not None for t in plan.tensors)
     copied = sum(t.copied and t.source.path.parent != lora.path for t in plan.tensors)
     result = MergeResult(out=out, base=base, shards=tuple(writer.names), merged=merged,
