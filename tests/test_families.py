@@ -149,3 +149,26 @@ def test_family_releases_end_to_end(family: str, family_root: Path) -> None:
     assert level["kld_mean"] >= 0 and level["size_mib"] > 0
     card = (work / "gguf/README.md").read_text()
     assert f"tiny-{family}-lora-{LEVEL}.gguf" in card and "base_model: tests/tiny-" in card
+
+
+def test_sentencepiece_files_reach_the_converter(family_root: Path, tmp_path: Path) -> None:
+    """A Gemma 2 run saved by transformers 5 has tokenizer.json alone: the merge takes the
+    base's tokenizer.model and writes the added_tokens_decoder the converter marks special
+    tokens from.  With no tokenizer.model anywhere, convert stops in one line."""
+    base, adapter = family_root / "gemma2" / "base", family_root / "gemma2" / "run" / "final_model"
+    assert not (adapter / "tokenizer.model").exists()
+    assert "added_tokens_decoder" not in json.loads((adapter / "tokenizer_config.json").read_text())
+    merged = tmp_path / "merged"
+    stage(family_root, "merge", "--base", str(base), "--adapter", str(adapter),
+          "--out", str(merged))
+    assert (merged / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    decoder = json.loads((merged / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {"<start_of_turn>", "<end_of_turn>", "<bos>"} <= {t["content"] for t in decoder.values()}
+    (merged / "tokenizer.model").unlink()
+    res = stage(family_root, "convert", "--trainer", "gemma2", "--model", str(merged),
+                "--out", str(tmp_path / "full.gguf"), fails=True)
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {merged}: the pinned llama.cpp"), last
+    assert "converter for Gemma2ForCausalLM reads a SentencePiece tokenizer.model, which this " \
+           "folder lacks" in last and "Traceback" not in res.stderr, last
+    assert not (tmp_path / "full.gguf").exists()

@@ -225,8 +225,9 @@ def converter_refusal(stderr: str, model: Path, llama_cpp_version: str) -> str |
     if re.search(r"(File not found|Missing):? \S*tokenizer\.model", stderr):
         return (f"{model}: {pinned}'s converter for {arch} reads a SentencePiece "
                 "tokenizer.model, which this folder lacks (its tokenizer.json alone is not "
-                "enough): copy tokenizer.model from the base model into the adapter folder "
-                "or the base folder, then `dvc repro`")
+                "enough, and the merge found none in the adapter folder or the base): put the "
+                "base model's tokenizer.model (from its Hub repo) in the base folder, then "
+                "`dvc repro`")
     return None
 
 
