@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -220,13 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{row.stage} (pass {rnd + 1}): {commands[row.stage]}", file=sys.stderr)
                     wall, rss = settled(commands[row.stage], repo)
                     print(f"  {wall:.1f} s, {rss:.2f} GB", file=sys.stderr)
-                    row = Row(row.stage, min(row.wall, wall), max(row.rss_gb, rss), name,
-                              row.tool_wall, row.tool_rss_gb)
+                    row = replace(row, wall=min(row.wall, wall), rss_gb=max(row.rss_gb, rss))
                 t_wall, t_rss = settled(cmd, repo)
                 print(f"  {name} alone: {t_wall:.1f} s, {t_rss:.2f} GB", file=sys.stderr)
-                rows[i] = Row(row.stage, row.wall, row.rss_gb, name,
-                              min(t_wall, row.tool_wall or t_wall),
-                              max(t_rss, row.tool_rss_gb or 0.0))
+                rows[i] = replace(row, tool=name, tool_wall=min(t_wall, row.tool_wall or t_wall),
+                                  tool_rss_gb=max(t_rss, row.tool_rss_gb or 0.0))
                 for leftover in scratch.iterdir():  # disk: one tool output at a time
                     if leftover.name != "ref.kld":
                         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
