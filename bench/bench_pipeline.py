@@ -16,7 +16,8 @@ after), since one pass of either varies by up to 20% here.  Reference and card w
 no tool: they are our checks (adapter tensors against peft's merge, HF vs GGUF,
 the adapter's effect) and our release files, shown with their cost alone.
 
-The stage commands run directly, not through ``dvc repro``: DVC's hashing of
+The stage commands run directly, not through ``dvc repro`` (but, as it does, with
+their outputs removed first): DVC's hashing of
 gigabytes of outputs is DVC's cost, the same for any stage, and is not what
 this measures.  Few evaluation chunks (``--chunks``), no smoke turn (random
 weights never stop), thresholds off (random weights have no quality to keep).
@@ -127,16 +128,30 @@ def work_repo(root: Path, base: Path, adapter: Path, size: str, chunks: int) -> 
     return repo
 
 
-def stage_commands(repo: Path) -> dict[str, str]:
-    """Each stage's command as DVC resolves it from dvc.yaml (no hashing, nothing run)."""
+@dataclass(frozen=True)
+class Stage:
+    cmd: str
+    outs: tuple[Path, ...]
+
+    def run(self, repo: Path) -> tuple[float, float]:
+        """As ``dvc repro`` runs it: its outputs removed first, then its command."""
+        for out in self.outs:
+            shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+        return settled(self.cmd, repo)
+
+
+def stage_commands(repo: Path) -> dict[str, Stage]:
+    """Each stage's command and outputs as DVC resolves them from dvc.yaml (no hashing,
+    nothing run)."""
     from dvc.repo import Repo
 
     wanted = [f"merge@{KEY}", f"convert@{KEY}", f"convert_base@{KEY}",
               *(f"quantize@{KEY}-{lv}" for lv in LEVELS), f"logits@{KEY}", f"reference@{KEY}",
               *(f"evaluate@{KEY}-{lv}" for lv in LEVELS), f"card@{KEY}"]
     with Repo(str(repo)) as dvc:
-        cmds = {stage.name: stage.cmd for stage in dvc.index.stages}
-    return {name: cmds[name] for name in wanted}
+        stages = {stage.name: Stage(stage.cmd, tuple(Path(o.fs_path) for o in stage.outs))
+                  for stage in dvc.index.stages}
+    return {name: stages[name] for name in wanted}
 
 
 def tool_commands(repo: Path, base: Path, scratch: Path) -> dict[str, tuple[str, list[str]]]:
@@ -203,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = stage_commands(repo)
         scratch = root / "scratch"
         scratch.mkdir()
-        for stage, cmd in commands.items():
-            print(f"{stage}: {cmd}", file=sys.stderr)
-            wall, rss = settled(cmd, repo)
+        for stage, st in commands.items():
+            print(f"{stage}: {st.cmd}", file=sys.stderr)
+            wall, rss = st.run(repo)
             rows.append(Row(stage, wall, rss))
             print(f"  {wall:.1f} s, {rss:.2f} GB", file=sys.stderr)
         tools = tool_commands(repo, base, scratch)
@@ -217,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 # After the first pass, each pair runs tool first: alternating the order
                 # cancels a drift (page cache, the other core's load) between the two.
                 if rnd:
-                    print(f"{row.stage} (pass {rnd + 1}): {commands[row.stage]}", file=sys.stderr)
-                    wall, rss = settled(commands[row.stage], repo)
+                    print(f"{row.stage} (pass {rnd + 1}): {commands[row.stage].cmd}",
+                          file=sys.stderr)
+                    wall, rss = commands[row.stage].run(repo)
                     print(f"  {wall:.1f} s, {rss:.2f} GB", file=sys.stderr)
                     row = replace(row, wall=min(row.wall, wall), rss_gb=max(row.rss_gb, rss))
                 t_wall, t_rss = settled(cmd, repo)

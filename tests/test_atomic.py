@@ -41,6 +41,23 @@ def test_output_file_failure_leaves_nothing(tmp_path: Path) -> None:
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_output_file_replaces_the_old_file_only_once_the_new_one_is_whole(
+        tmp_path: Path, sync: bool) -> None:
+    out = tmp_path / "Q8_0.gguf"
+    out.write_bytes(b"old")
+    with atomic.output_file(out, sync=sync) as tmp:
+        tmp.write_bytes(b"GGUF new")
+        assert out.read_bytes() == b"old"  # the old file stays while the tool writes
+    assert out.read_bytes() == b"GGUF new"
+    assert [p.name for p in tmp_path.iterdir()] == ["Q8_0.gguf"]
+    with pytest.raises(RuntimeError), atomic.output_file(out, sync=sync) as tmp:
+        tmp.write_bytes(b"GGUF half")
+        raise RuntimeError("killed half way")
+    assert out.read_bytes() == b"GGUF new"
+    assert [p.name for p in tmp_path.iterdir()] == ["Q8_0.gguf"]
+
+
 def test_output_file_that_the_tool_never_wrote_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError), atomic.output_file(tmp_path / "x.gguf"):
         pass

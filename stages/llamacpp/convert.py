@@ -243,7 +243,7 @@ def convert_to_gguf(*, model: Path, out: Path, trainer: Trainer, outtype: str,
     check_tokenizer(model)
     script = source_dir(llama_cpp_version) / "convert_hf_to_gguf.py"
     check_disk(out, int(model_bytes(model) * DISK_MARGIN))
-    with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out) as tmp:
+    with tempfile.TemporaryDirectory() as tmp_dir, atomic.output_file(out, sync=False) as tmp:
         meta = Path(tmp_dir) / "metadata.json"
         meta.write_text(json.dumps(base_metadata(trainer) if base_only else
                                    gguf_metadata(trainer), indent=2))

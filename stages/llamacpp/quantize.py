@@ -79,7 +79,7 @@ def quantize_gguf(*, source: Path, out: Path, level: QuantLevel,
     except ReleaseError as exc:
         raise InputError(f"{exc}; rebuild it with its convert stage "
                          "(dvc repro --force convert@<trainer>)") from None
-    with atomic.output_file(out) as tmp:
+    with atomic.output_file(out, sync=False) as tmp:
         cmd = [str(tool), *level.quantize_args(), str(source), str(tmp), level.name,
                str(threads())]
         log.info("quantizing %s to %s", source.name, level.name)
