@@ -19,7 +19,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv tools demo test test-fast lint golden push share gc pick bench bench-pipeline status clean
+.PHONY: help venv tools pipeline demo test test-fast lint golden push share gc pick bench bench-pipeline status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t12
@@ -37,7 +37,10 @@ $(STAMP): requirements.lock
 tools: venv  ## build the pinned llama.cpp tools once (cached outside the repo)
 	$(PY) -m stages.tools --params params.yaml
 
-demo: tools  ## run the whole pipeline on the embedded demo (offline; pulls what the DVC remote has)
+pipeline: venv  ## write pipeline.yaml (the stages each trainer needs) after editing trainers in params.yaml
+	$(PY) -m stages.pipeline --params params.yaml
+
+demo: tools pipeline  ## run the whole pipeline on the embedded demo (offline; pulls what the DVC remote has)
 	$(PY) -m stages.repro
 	$(PY) -m stages.summary --params params.yaml
 
@@ -53,7 +56,7 @@ lint: venv  ## ruff over stages/, tests/ and bench/
 golden: venv  ## rewrite tests/fixtures/golden (card, Modelfile, manifest) after an intended change
 	$(PY) -m tests.test_card_golden --update
 
-push: tools  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1] [FORCE=1]
+push: tools pipeline  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1] [FORCE=1]
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi
 	$(PY) -m stages.params --params params.yaml --trainer $(TRAINER)
 	HF_HUB_OFFLINE=0 $(PY) -m stages.push --preflight --trainer $(TRAINER)
@@ -77,6 +80,7 @@ gc: venv  ## keep only the current release of every trainer in the DVC cache [CL
 pick: venv  ## point a trainer at its newest complete run: make pick TRAINER=sft
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make pick TRAINER=sft" >&2; exit 2; fi
 	$(PY) -m stages.pick --params params.yaml --trainer $(TRAINER)
+	$(PY) -m stages.pipeline --params params.yaml
 
 bench: venv  ## merge benchmark: cp -r vs our merge vs peft, 1.1B and 3B synthetic Llamas
 	$(PY) bench/bench_merge.py

@@ -90,3 +90,5 @@ def set_param(repo: Path, dotted: str, value: object) -> None:
     else:
         node[last] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if (repo / "pipeline.yaml").is_file():  # as `make pipeline` after editing params.yaml
+        run([str(repo / ".venv/bin/python"), "-m", "stages.pipeline"], cwd=repo)

@@ -17,7 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
-PY = DVC["vars"][0]["py"]
+PY = next(v["py"] for v in DVC["vars"] if isinstance(v, dict) and "py" in v)
 STAGES = REPO / "stages"
 LIBRARIES = sorted(p.name for p in STAGES.iterdir() if (p / "__init__.py").is_file())
 
@@ -115,3 +115,34 @@ def test_libraries_do_not_import_stages_and_each_has_a_docstring() -> None:
             stages = {m for m in direct_imports(module) if m.count(".") == 1
                       and m.split(".")[1] not in LIBRARIES}
             assert not stages, f"library {module} imports the stage(s) {sorted(stages)}"
+
+
+def test_pipeline_yaml_is_current_and_a_stale_one_stops_every_stage(tmp_path: Path) -> None:
+    from stages.config.params import load_params
+    from stages.config.pipeline import PIPELINE_FILE, render
+    from stages.core.errors import ParamsError
+
+    params = load_params(REPO / "params.yaml", pipeline=False)
+    assert (REPO / PIPELINE_FILE).read_text() == render(params), \
+        "pipeline.yaml is not what params.yaml gives: run `make pipeline` and commit it"
+    # a trainer added to params.yaml without `make pipeline`: no stage runs unaware of it
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["trainers"]["dpo"] = {**data["trainers"]["sft"], "name": "x-dpo"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / PIPELINE_FILE).write_text((REPO / PIPELINE_FILE).read_text())
+    with pytest.raises(ParamsError, match=r"does not match params\.yaml.*make pipeline"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / PIPELINE_FILE).write_text(render(load_params(tmp_path / "params.yaml",
+                                                             pipeline=False)))
+    assert "dpo" in load_params(tmp_path / "params.yaml").trainers
+
+
+def test_every_trainer_loop_reads_a_stage_set_of_pipeline_yaml() -> None:
+    from stages.config.pipeline import STAGE_SETS
+
+    loops = [(name, stage.get("foreach") or stage.get("matrix", {}).get("trainer"))
+             for name, stage in DVC["stages"].items()]
+    sets = {f"${{builds.{s}}}" for s in STAGE_SETS} | {f"${{builds.{s}_keys}}" for s in STAGE_SETS}
+    for name, loop in loops:
+        if loop is not None and name not in ("train",):
+            assert loop in sets, f"stage {name} loops over {loop}, not a set of pipeline.yaml"

@@ -367,8 +367,9 @@ def parse_params(data: Any) -> Params:
     return params
 
 
-def load_params(path: Path) -> Params:
-    """Load and validate ``path`` (params.yaml)."""
+def load_params(path: Path, *, pipeline: bool = True) -> Params:
+    """Load and validate ``path`` (params.yaml); with ``pipeline``, also check that the
+    ``pipeline.yaml`` beside it is current (stages/config/pipeline.py)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -383,4 +384,9 @@ def load_params(path: Path) -> Params:
         if context and getattr(exc, "context", None):  # e.g. a bracket opened lines earlier
             what += f" ({exc.context} from line {context.line + 1})"
         raise ParamsError(f"params: {path}{line}: not valid YAML: {what}") from None
-    return parse_params(data)
+    params = parse_params(data)
+    if pipeline:
+        from stages.config.pipeline import check_current  # it builds on this module
+
+        check_current(path, params)
+    return params

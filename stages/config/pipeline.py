@@ -1,0 +1,77 @@
+"""Which stages each trainer needs: ``pipeline.yaml``, derived from params.yaml.
+
+DVC's ``foreach`` and ``matrix`` cannot filter: a stage over ``${trainers}`` runs
+for every trainer.  A trainer runs only the stages its release formats need, so
+dvc.yaml loops over the stage sets of ``pipeline.yaml`` instead (its ``vars``),
+one set per group of stages (:data:`STAGE_SETS`), each holding the trainers
+that need it with the few values their stages read (:data:`ITEM_KEYS`).
+
+``pipeline.yaml`` is written by ``python -m stages.pipeline`` (``make
+pipeline``; every make target that runs the pipeline writes it first), is
+committed beside dvc.yaml, and is checked: :func:`check_current` fails when
+params.yaml says otherwise, so a trainer added to params.yaml is never left
+out of a ``dvc repro`` without a word.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from stages.config.params import Params
+from stages.core.errors import ParamsError
+
+PIPELINE_FILE = "pipeline.yaml"
+ROOT_KEY = "builds"  # one top-level key: DVC refuses a var that params.yaml also defines
+# Stage set -> the release formats whose trainers need it.
+STAGE_SETS: dict[str, frozenset[str]] = {
+    # merge: the merged model every format but the adapter is made from
+    "merge": frozenset({"gguf"}),
+    # convert, convert_base, logits, reference, quantize, evaluate, card, push
+    "gguf": frozenset({"gguf"}),
+}
+# What a stage reads of its trainer's entry through ``${item...}`` (the rest it reads
+# from params.yaml itself, as a DVC params dependency).
+ITEM_KEYS = ("adapter", "base_model.path")
+HEADER = """\
+# Written by `make pipeline` (python -m stages.pipeline) from params.yaml: do not edit.
+# The stages each trainer needs, by its release formats: dvc.yaml loops over these sets
+# (DVC's foreach cannot filter a loop over trainers). Every stage checks it is current.
+"""
+
+
+def _item(params: Params, key: str) -> dict:
+    trainer = params.trainer(key)
+    return {"adapter": str(trainer.adapter), "base_model": {"path": str(trainer.base_model.path)}}
+
+
+def stage_sets(params: Params) -> dict[str, dict]:
+    """``{set: {trainer: item}}`` for every set of :data:`STAGE_SETS`, plus ``<set>_keys``
+    (the trainer names alone, for ``matrix``)."""
+    sets: dict[str, dict] = {}
+    for name, formats in STAGE_SETS.items():
+        sets[name] = {key: _item(params, key) for key, trainer in params.trainers.items()
+                      if formats & set(trainer.release)}
+    return {ROOT_KEY: sets | {f"{name}_keys": list(items) for name, items in sets.items()}}
+
+
+def render(params: Params) -> str:
+    """The text of ``pipeline.yaml`` for ``params``."""
+    return HEADER + yaml.safe_dump(stage_sets(params), sort_keys=False, width=100)
+
+
+def check_current(params_path: Path, params: Params) -> None:
+    """Fail when the ``pipeline.yaml`` beside ``params_path`` does not match ``params``
+    (no file there: nothing to check, e.g. a params file outside a repository)."""
+    path = params_path.parent / PIPELINE_FILE
+    if not path.is_file():
+        return
+    try:
+        current = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        current = None
+    if current != stage_sets(params):
+        raise ParamsError(f"{path} does not match {params_path.name} (a trainer or its release "
+                          "formats changed since it was written): run `make pipeline` (or "
+                          "`python -m stages.pipeline`), then dvc repro again")
