@@ -130,14 +130,15 @@ def base_logits_bytes(*, n_vocab: int, ctx: int, chunks: int) -> int:
 TOOL_OVERHEAD = 256 * 2**20
 
 
-def check_fits(*, tool: Path, gguf: Path, ctx: int) -> None:
+def check_fits(*, tool: Path, gguf: Path, ctx: int, extra: int = 0) -> None:
     """Before a tool reads a whole GGUF: refuse when available memory cannot hold it.
 
     The tools memory-map the file, so the kernel could page it in and out, but a
     model bigger than memory makes every chunk read it from disk again: hours
-    instead of minutes.  Fail first with both numbers, as the merge does.
+    instead of minutes.  Fail first with both numbers, as the merge does.  ``extra``:
+    bytes the tool loads besides (a GGUF LoRA).
     """
-    check_memory(f"{tool.name} on {gguf}", tool_memory(gguf, ctx=ctx))
+    check_memory(f"{tool.name} on {gguf}", tool_memory(gguf, ctx=ctx) + extra)
 
 
 def tool_memory(gguf: Path, *, ctx: int) -> int:
@@ -185,12 +186,16 @@ def parse_kld_stats(text: str) -> KldStats:
     return KldStats(**values)
 
 
-def kl_divergence(*, tool: Path, gguf: Path, base: Path, ctx: int) -> KldStats:
-    """KL divergence (and PPL ratio, same top token) of ``gguf`` against ``base``."""
-    check_fits(tool=tool, gguf=gguf, ctx=ctx)
+def kl_divergence(*, tool: Path, gguf: Path, base: Path, ctx: int,
+                  lora: Path | None = None) -> KldStats:
+    """KL divergence (and PPL ratio, same top token) of ``gguf`` (with the GGUF LoRA
+    ``lora`` applied, when given) against ``base``."""
+    check_fits(tool=tool, gguf=gguf, ctx=ctx, extra=lora.stat().st_size if lora else 0)
+    with_lora = ["--lora", str(lora)] if lora else []
     stdout, stderr = run_until(
-        [str(tool), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
-         "-c", str(ctx), "-t", str(threads())], f"llama-perplexity --kl-divergence on {gguf}",
+        [str(tool), "-m", str(gguf), *with_lora, "--kl-divergence-base", str(base),
+         "--kl-divergence", "-c", str(ctx), "-t", str(threads())],
+        f"llama-perplexity --kl-divergence on {gguf}" + (f" with {lora.name}" if lora else ""),
         KLD_DONE)
     return parse_kld_stats(stdout + "\n" + stderr)
 
