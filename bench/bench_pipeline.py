@@ -125,6 +125,10 @@ def work_repo(root: Path, base: Path, adapter: Path, size: str, chunks: int) -> 
     ev["smoke"]["skip"] = [KEY]
     ev["max_kld"] = {"default": 1e9}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from stages.config.params import load_params
+    from stages.config.pipeline import PIPELINE_FILE, render
+
+    (repo / PIPELINE_FILE).write_text(render(load_params(repo / "params.yaml", pipeline=False)))
     return repo
 
 
