@@ -46,14 +46,14 @@ def run(*, params_path: Path, gguf: Path, out: Path) -> dict:
         raise InputError(f"{gguf} not found; run the convert stage first")
     check_disk(out, base_logits_bytes(n_vocab=vocab_size(gguf), ctx=ev.ctx, chunks=ev.chunks))
     start = time.monotonic()
-    with atomic.output_file(out) as tmp:
+    with atomic.output_file(out, sync=False) as tmp:  # ~25-330 MB that the tool wrote
         ppl = save_base_logits(tool=llamacpp.tool_path("llama-perplexity",
                                                        params.llama_cpp_version),
                                gguf=gguf, text=ev.text, ctx=ev.ctx, chunks=ev.chunks, out=tmp)
     record = {"gguf": gguf.name, "text": ev.text.as_posix(), "ctx": ev.ctx, "chunks": ev.chunks,
               "tokens": scored_tokens(ctx=ev.ctx, chunks=ev.chunks), "ppl": ppl,
               "llama_cpp": params.llama_cpp_version}
-    atomic.write_text(logits_record_path(out), json.dumps(record, indent=2) + "\n")
+    atomic.write_text(logits_record_path(out), json.dumps(record, indent=2) + "\n", sync=False)
     log.info("wrote %s (PPL %.4f over %d tokens) in %.0f s", out, ppl, record["tokens"],
              time.monotonic() - start)
     return record

@@ -72,6 +72,16 @@ def test_write_text_is_complete_or_absent(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_write_text_replaces_whole_with_or_without_fsync(tmp_path: Path, sync: bool) -> None:
+    out = tmp_path / "Q8_0.json"
+    atomic.write_text(out, "old", sync=sync)
+    atomic.write_text(out, '{"level": "Q8_0"}', sync=sync)
+    assert out.read_text() == '{"level": "Q8_0"}'
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in tmp_path.iterdir()] == ["Q8_0.json"]
+
+
 def test_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
     """A SIGKILLed writer cannot clean up: the next write of the same target does."""
     import os

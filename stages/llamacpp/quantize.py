@@ -98,6 +98,6 @@ def quantize_gguf(*, source: Path, out: Path, level: QuantLevel,
     record = {"level": res.level, "file": out.name, "bytes": res.bytes,
               "options": level.model_dump(), "fallbacks": [asdict(f) for f in fallbacks],
               "llama_cpp": llama_cpp_version}
-    atomic.write_text(record_path(out), json.dumps(record, indent=2) + "\n")
+    atomic.write_text(record_path(out), json.dumps(record, indent=2) + "\n", sync=False)
     log.info("wrote %s (%.1f MiB)", out, res.bytes / 2**20)
     return res
