@@ -40,7 +40,7 @@ tools: venv  ## build the pinned llama.cpp tools once (cached outside the repo)
 pipeline: venv  ## write pipeline.yaml (the stages each trainer needs) after editing trainers in params.yaml
 	$(PY) -m stages.pipeline --params params.yaml
 
-demo: tools pipeline  ## run the whole pipeline on the embedded demo (offline; pulls what the DVC remote has)
+demo: pipeline tools  ## run the whole pipeline on the embedded demo (offline; pulls what the DVC remote has)
 	$(PY) -m stages.repro
 	$(PY) -m stages.summary --params params.yaml
 
@@ -56,7 +56,7 @@ lint: venv  ## ruff over stages/, tests/ and bench/
 golden: venv  ## rewrite tests/fixtures/golden (card, Modelfile, manifest) after an intended change
 	$(PY) -m tests.test_card_golden --update
 
-push: tools pipeline  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1] [FORCE=1]
+push: pipeline tools  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1] [FORCE=1]
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi
 	$(PY) -m stages.params --params params.yaml --trainer $(TRAINER)
 	HF_HUB_OFFLINE=0 $(PY) -m stages.push --preflight --trainer $(TRAINER)

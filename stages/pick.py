@@ -89,7 +89,8 @@ def set_adapter(text: str, trainer: str, adapter: str) -> str:
 
 def run(*, params_path: Path, trainer_key: str) -> PickResult:
     """Rewrite params.yaml so the trainer uses its newest complete run."""
-    params = load_params(params_path)
+    # not checked against pipeline.yaml: `make pick` rewrites that after this edit
+    params = load_params(params_path, pipeline=False)
     trainer = params.trainer(trainer_key)
     if trainer.output_root is None:
         raise ReleaseError(f"`trainers.{trainer_key}.output_root` is not set; add the folder "

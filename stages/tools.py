@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="parallel build jobs (default: all cores)")
 
     def body(args) -> None:
-        version = args.version or load_params(args.params).llama_cpp_version
+        version = args.version or load_params(args.params, pipeline=False).llama_cpp_version
         print(build(version, jobs=args.jobs))
 
     return run_stage(parser, argv, body)

@@ -8,9 +8,10 @@ that need it with the few values their stages read (:data:`ITEM_KEYS`).
 
 ``pipeline.yaml`` is written by ``python -m stages.pipeline`` (``make
 pipeline``; every make target that runs the pipeline writes it first), is
-committed beside dvc.yaml, and is checked: :func:`check_current` fails when
-params.yaml says otherwise, so a trainer added to params.yaml is never left
-out of a ``dvc repro`` without a word.
+committed beside dvc.yaml, and is checked: :func:`check_current` (in every
+stage's ``load_params``) fails when params.yaml says otherwise.  Plain ``dvc
+repro`` cannot see a trainer that is not in it yet: no existing stage depends on
+a new trainer's entry, so the make targets write the file first.
 """
 
 from __future__ import annotations
