@@ -88,7 +88,8 @@ bench: venv  ## merge benchmark: cp -r vs our merge vs peft, 1.1B and 3B synthet
 bench-pipeline: demo  ## every stage on a synthetic 3B Llama beside its tools alone (SIZE=1.1B)
 	$(PY) bench/bench_pipeline.py --size $(or $(SIZE),3B)
 
-status: venv  ## what dvc would rerun
+status: venv  ## what dvc would rerun (and whether pipeline.yaml is current)
+	$(PY) -m stages.pipeline --check
 	$(DVC) status
 
 clean:  ## remove build outputs (the DVC cache keeps them for a fast restore)
