@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from stages import pick
-from stages.core.errors import ReleaseError
+from stages.config.params import load_params
+from stages.core.errors import ParamsError, ReleaseError
 from tests.merge_fixtures import write_adapter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,8 +48,10 @@ def fake_output_root(root: Path, runs: dict[str, str | None]) -> None:
 
 @pytest.fixture()
 def params_copy(tmp_path: Path) -> Path:
+    """params.yaml and pipeline.yaml, as in the repository."""
     path = tmp_path / "params.yaml"
     shutil.copy2(REPO / "params.yaml", path)
+    shutil.copy2(REPO / "pipeline.yaml", tmp_path / "pipeline.yaml")
     return path
 
 
@@ -74,7 +77,10 @@ def test_pick_writes_the_newest_complete_run(params_copy: Path, tmp_path: Path) 
     changed = [a for a, b in zip(text.splitlines(), lines, strict=True) if a != b]
     assert len(changed) == 1 and "adapter:" in changed[0]
     assert "# One entry per trainer" in params_copy.read_text()
+    # a second pick before `make pipeline` rewrites pipeline.yaml: not refused
     assert pick.run(params_path=params_copy, trainer_key="sft").changed is False
+    with pytest.raises(ParamsError, match="make pipeline"):  # what a stage would say
+        load_params(params_copy)
 
 
 def test_pick_without_complete_runs_says_what_a_run_needs(params_copy: Path,
