@@ -137,6 +137,8 @@ HOLDABLE = {
 
 @pytest.fixture(scope="module")
 def picos(module_tmp) -> dict[str, Path]:
+    """Thirteen peft adapters on pico Llamas (~20 s with peft's import): the slow tier,
+    so `make test-fast` stays under a minute."""
     root = module_tmp("pico-lora")
     bases = {"tied": build_pico(root / "tied"),
              "untied": build_pico(root / "untied", tied=False, seed=1),
@@ -146,6 +148,7 @@ def picos(module_tmp) -> dict[str, Path]:
             for name, (base, kwargs) in variants.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "problem"), [
     ("dora", "DoRA"), ("patterns", "different alphas"), ("lora_bias", "LoRA bias"),
     ("save_embed_tied", "holds whole tensors"), ("rslora_lm_head", "holds whole tensors"),
@@ -162,6 +165,7 @@ def test_what_a_gguf_lora_cannot_hold_is_refused_with_the_reason(
         check_gguf_lora(adapter, "sft")
 
 
+@pytest.mark.slow
 def test_rslora_gets_the_alpha_that_gives_llama_cpp_peft_s_scale(
         picos: dict[str, Path]) -> None:
     # peft: alpha/√r = 7/2; llama.cpp: alpha'/r, so alpha' = 7/2 × 4 = 14
