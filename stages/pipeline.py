@@ -32,13 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, pipeline=False)
         path = args.params.parent / PIPELINE_FILE
         text = render(params)
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                raise ParamsError(f"{path} is not current: run `make pipeline`")
+        if path.is_file() and path.read_text() == text:
             return
-        if not path.is_file() or path.read_text() != text:
-            atomic.write_text(path, text)
-            print(f"wrote {path}", file=sys.stderr)
+        if args.check:
+            raise ParamsError(f"{path} is not current: run `make pipeline`")
+        atomic.write_text(path, text)
+        print(f"wrote {path}", file=sys.stderr)
 
     return run_stage(parser, argv, body)
 

@@ -4,7 +4,8 @@ DVC's ``foreach`` and ``matrix`` cannot filter: a stage over ``${trainers}`` run
 for every trainer.  A trainer runs only the stages its release formats need, so
 dvc.yaml loops over the stage sets of ``pipeline.yaml`` instead (its ``vars``),
 one set per group of stages (:data:`STAGE_SETS`), each holding the trainers
-that need it with the few values their stages read (:data:`ITEM_KEYS`).
+that need it with the few values their stages read through ``${item...}``
+(:func:`_item`; the rest they read from params.yaml, as DVC params dependencies).
 
 ``pipeline.yaml`` is written by ``python -m stages.pipeline`` (``make
 pipeline``; every make target that runs the pipeline writes it first), is
@@ -32,9 +33,6 @@ STAGE_SETS: dict[str, frozenset[str]] = {
     # convert, convert_base, logits, reference, quantize, evaluate, card, push
     "gguf": frozenset({"gguf"}),
 }
-# What a stage reads of its trainer's entry through ``${item...}`` (the rest it reads
-# from params.yaml itself, as a DVC params dependency).
-ITEM_KEYS = ("adapter", "base_model.path")
 HEADER = """\
 # Written by `make pipeline` (python -m stages.pipeline) from params.yaml: do not edit.
 # The stages each trainer needs, by its release formats: dvc.yaml loops over these sets
