@@ -50,6 +50,7 @@ from bench.bench_merge import (  # noqa: E402
     build_base,
     cache_root,
     timed,
+    warm,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -132,21 +133,6 @@ def work_repo(root: Path, base: Path, adapter: Path, size: str, chunks: int) -> 
 
     (repo / PIPELINE_FILE).write_text(render(load_params(repo / "params.yaml", pipeline=False)))
     return repo
-
-
-def warm(paths: tuple[Path, ...]) -> None:
-    """Read ``paths`` (files, or folders whole) into the page cache, untimed.
-
-    3B inputs and outputs (~30 GB) do not all fit in this machine's page cache, so
-    whichever of a stage and its tool ran first would read its input from disk and
-    the second from memory (a 3B Q8_0: 25.9 s first, 15.5 s second).  Both run warm,
-    as a stage does in a pipeline right after the stage that wrote its input."""
-    for path in paths:
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            with open(file, "rb") as fh:
-                while fh.read(64 * 2**20):
-                    pass
 
 
 @dataclass(frozen=True)
