@@ -56,19 +56,15 @@ lint: venv  ## ruff over stages/, tests/ and bench/
 golden: venv  ## rewrite tests/fixtures/golden (card, Modelfile, manifest) after an intended change
 	$(PY) -m tests.test_card_golden --update
 
-push: pipeline tools  ## build and publish one trainer: make push TRAINER=sft [DRY_RUN=1] [FORCE=1]
+push: pipeline tools  ## build and publish one trainer: make push TRAINER=sft [FORMAT=gguf] [DRY_RUN=1] [FORCE=1]
 	@if [ -z "$(TRAINER)" ]; then echo "error: name the trainer, e.g. make push TRAINER=sft" >&2; exit 2; fi
 	$(PY) -m stages.params --params params.yaml --trainer $(TRAINER)
-	HF_HUB_OFFLINE=0 $(PY) -m stages.push --preflight --trainer $(TRAINER)
+	HF_HUB_OFFLINE=0 $(PY) -m stages.push --preflight --trainer $(TRAINER)$(if $(FORMAT), --format $(FORMAT))
 ifdef DRY_RUN
-	HF_HUB_OFFLINE=0 $(PY) -m stages.push --dry-run --trainer $(TRAINER) --build build/$(TRAINER)
-	@$(DVC) status --quiet --with-deps push@$(TRAINER) >/dev/null 2>&1 || echo "note: the build of $(TRAINER) is out of date (dvc status --with-deps push@$(TRAINER)); the plan is for what is built now"
+	HF_HUB_OFFLINE=0 $(PY) -m stages.push --dry-run --trainer $(TRAINER)$(if $(FORMAT), --format $(FORMAT)) --build build/$(TRAINER)
+	@$(PY) -m stages.repro --status --trainer $(TRAINER)$(if $(FORMAT), --format $(FORMAT)) 2>/dev/null
 else
-	@before=$$(cat build/$(TRAINER)/push.json 2>/dev/null || true); \
-	  echo "$(PY) -m stages.repro --trainer $(TRAINER)"; $(PY) -m stages.repro --trainer $(TRAINER); \
-	  if [ -n "$(FORCE)" ] && [ "$$before" = "$$(cat build/$(TRAINER)/push.json 2>/dev/null)" ]; then \
-	    echo "FORCE=1: push@$(TRAINER) was up to date; re-planning against the target"; \
-	    $(DVC) repro --force --single-item push@$(TRAINER); fi
+	$(PY) -m stages.repro --trainer $(TRAINER)$(if $(FORMAT), --format $(FORMAT))$(if $(FORCE), --force)
 endif
 
 share: venv  ## upload every output and the run-cache to the DVC remote (dvc push --run-cache)

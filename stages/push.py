@@ -1,11 +1,13 @@
 """Publish a trainer's released folders to their targets; write a receipt.
 
-Reads:  ``build/<trainer>/<format>/`` for each format in the trainer's
-        ``release`` params, and that folder's ``manifest.json``.
+Reads:  ``build/<trainer>/<format>/`` for ``--format`` (dvc.yaml: one push stage
+        per trainer and format, ``push@<trainer>-<format>``), or for each format
+        the trainer releases, in push order (adapter, gguf), and that folder's
+        ``manifest.json``.
 Writes: the target (a local folder, or a Hugging Face Hub repo: one publisher
         per target kind in ``stages/release/``) and ``--receipt``
-        (``build/<trainer>/push.json``): per format what was uploaded, skipped
-        and deleted, the bytes sent, the commit; and this repo's git commit.
+        (``build/<trainer>/push-<format>.json``): per format what was uploaded,
+        skipped and deleted, the bytes sent, the commit; and this repo's git commit.
 
 ``--preflight`` only checks that every target can be written (params, token,
 Hub permissions), in seconds, before ``make push`` builds anything;
@@ -67,10 +69,11 @@ def target_text(release: FormatRelease) -> str:
     return f"{release.format} -> {target.kind} {where}"
 
 
-def check_targets(trainer: Trainer) -> list[str]:
-    """Preflight of every target of ``trainer``; one line per target that is ready."""
+def check_targets(trainer: Trainer, fmt: str | None = None) -> list[str]:
+    """Preflight of the targets of ``trainer`` (``fmt``'s, or all); one line per target
+    that is ready."""
     lines = []
-    for release in trainer.release.values():
+    for release in (trainer.release[f] for f in trainer.releases(fmt)):
         if release.target.kind == "hub":
             who = preflight(release.target, token=find_token())
             lines.append(f"{target_text(release)}: ok (token of {who.user}, {who.role})")
@@ -80,14 +83,16 @@ def check_targets(trainer: Trainer) -> list[str]:
 
 
 def run(*, trainer_key: str, params_path: Path, build: Path, receipt: Path | None,
-        repo: Path = Path("."), dry_run: bool = False) -> PushResult:
-    """Publish every released format of one trainer, then write the receipt."""
+        fmt: str | None = None, repo: Path = Path("."), dry_run: bool = False) -> PushResult:
+    """Publish ``fmt`` (default: every released format, in push order) of one trainer,
+    then write the receipt."""
     params = load_params(params_path)
     trainer = params.trainer(trainer_key)
     commit = git_commit(repo)
     receipts = []
-    for fmt, release in trainer.release.items():
-        folder = build / fmt
+    for name in trainer.releases(fmt):
+        release = trainer.release[name]
+        folder = build / name
         message = commit_message(trainer.name, read_release(folder), commit)
         plan, done = PUBLISHERS[release.target.kind](folder, release, message=message,
                                                      dry_run=dry_run)
@@ -111,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "(changed files only; the Hub in one commit) and write a receipt with this repo's git "
         "commit.")
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
+    parser.add_argument("--format", dest="fmt",
+                        help="the released format to push (default: every one the trainer "
+                        "releases, in the order adapter, gguf)")
     parser.add_argument("--build", type=Path, help="build/<trainer> folder")
     parser.add_argument("--receipt", type=Path, help="receipt JSON to write")
     mode = parser.add_mutually_exclusive_group()
@@ -121,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args) -> None:
         if args.preflight:
-            for line in check_targets(load_params(args.params).trainer(args.trainer)):
+            for line in check_targets(load_params(args.params).trainer(args.trainer), args.fmt):
                 print(line, file=sys.stderr)
             return
         if args.build is None or (args.receipt is None and not args.dry_run):
             raise ReleaseError("pass --build (and --receipt unless --dry-run)")
         run(trainer_key=args.trainer, params_path=args.params, build=args.build,
-            receipt=args.receipt, dry_run=args.dry_run)
+            receipt=args.receipt, fmt=args.fmt, dry_run=args.dry_run)
 
     return run_stage(parser, argv, body)
 

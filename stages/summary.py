@@ -1,4 +1,4 @@
-"""Print what the pipeline produced, per trainer (the end of ``make demo``)."""
+"""Print what the pipeline produced, per trainer and format (the end of ``make demo``)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,23 @@ from stages.core.preflight import human_size
 
 
 def summarize(params_path: Path, build: Path) -> str:
-    """One block per trainer: its published folder, files and push receipt."""
+    """One block per trainer: per released format, its files and push receipt."""
     params = load_params(params_path)
     out = []
     for key, trainer in params.trainers.items():
-        manifest = build / key / "manifest.json"
-        if not manifest.is_file():
-            out.append(f"{key}: not built yet (dvc repro push@{key})")
-            continue
-        data = json.loads(manifest.read_text())
         out.append(f"{key}: {trainer.name}")
-        for entry in data["artifacts"]:
-            level = f" [{entry['level']}]" if entry.get("level") else ""
-            out.append(f"  {build / key / entry['path']}  {human_size(entry['bytes'])}{level}")
-        receipt = build / key / "push.json"
-        if receipt.is_file():
-            for fmt in json.loads(receipt.read_text())["formats"]:
-                out.append(f"  pushed {fmt['format']} -> {fmt['target']}")
+        for fmt in trainer.releases():
+            manifest = build / key / fmt / "manifest.json"
+            if not manifest.is_file():
+                out.append(f"  {fmt}: not built yet (dvc repro push@{key}-{fmt})")
+                continue
+            for entry in json.loads(manifest.read_text())["artifacts"]:
+                level = f" [{entry['level']}]" if entry.get("level") else ""
+                out.append(f"  {build / key / entry['path']}  {human_size(entry['bytes'])}{level}")
+            receipt = build / key / f"push-{fmt}.json"
+            if receipt.is_file():
+                for done in json.loads(receipt.read_text())["formats"]:
+                    out.append(f"  pushed {done['format']} -> {done['target']}")
     return "\n".join(out)
 
 

@@ -13,6 +13,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 RAN = re.compile(r"Running stage '([^']+)'")
+# What the demo's params.yaml releases, per trainer, in push order.
+RELEASES: dict[str, tuple[str, ...]] = {"sft": ("adapter", "gguf"), "kto": ("gguf",)}
+# The stage that writes each format's folder build/<trainer>/<format>/.
+FOLDER_STAGE: dict[str, str] = {"adapter": "adapter", "gguf": "card"}
+
+
+def pushes(trainer: str) -> set[str]:
+    """The push stages of a demo trainer: push@<trainer>-<format>."""
+    return {f"push@{trainer}-{fmt}" for fmt in RELEASES[trainer]}
+
 CACHED = re.compile(r"Stage '([^']+)' is cached")
 
 
@@ -53,7 +63,7 @@ def copy_repo(src: Path, dst: Path, *, cache_from: Path | None = None) -> Path:
              str(cache_from / ".dvc/cache")], cwd=dst)
         shutil.copy2(cache_from / "dvc.lock", dst / "dvc.lock")
         run([str(dst / ".venv/bin/dvc"), "checkout", "-q"], cwd=dst)
-        for receipt in cache_from.glob("build/*/push.json"):
+        for receipt in cache_from.glob("build/*/push-*.json"):
             shutil.copy2(receipt, dst / receipt.relative_to(cache_from))
         if (cache_from / "published").is_dir():
             shutil.copytree(cache_from / "published", dst / "published")

@@ -330,7 +330,7 @@ def test_a_split_level_is_published_in_shards_and_loads_in_llama_cpp(built_repo:
     # convert@sft reads the whole trainers.sft entry (dvc.yaml); its output is unchanged,
     # so nothing between it and the card reruns.
     assert {"card@sft"} <= ran <= {"convert@sft", "card@sft"}
-    assert "push@sft" in status(repo)
+    assert "push@sft-gguf" in status(repo)
     params = load_params(repo / "params.yaml")
     trainer, folder = params.trainer("sft"), repo / "build/sft/gguf"
     manifest = json.loads((folder / "manifest.json").read_text())

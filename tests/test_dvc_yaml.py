@@ -138,11 +138,12 @@ def test_pipeline_yaml_is_current_and_a_stale_one_stops_every_stage(tmp_path: Pa
 
 
 def test_every_trainer_loop_reads_a_stage_set_of_pipeline_yaml() -> None:
-    from stages.config.pipeline import STAGE_SETS
+    from stages.config.pipeline import RELEASES, STAGE_SETS
 
     loops = [(name, stage.get("foreach") or stage.get("matrix", {}).get("trainer"))
              for name, stage in DVC["stages"].items()]
-    sets = {f"${{builds.{s}}}" for s in STAGE_SETS} | {f"${{builds.{s}_keys}}" for s in STAGE_SETS}
+    sets = ({f"${{builds.{s}}}" for s in STAGE_SETS} | {f"${{builds.{s}_keys}}" for s in STAGE_SETS}
+            | {f"${{builds.{RELEASES}}}"})
     for name, loop in loops:
         if loop is not None and name not in ("train",):
             assert loop in sets, f"stage {name} loops over {loop}, not a set of pipeline.yaml"

@@ -188,15 +188,16 @@ def test_a_trainer_in_smoke_skip_gets_no_smoke_turn(built_repo: Path, tmp_path: 
 def test_broken_chat_template_fails_and_is_never_pushed(clone: Path) -> None:
     # The override is applied before conversion, so the GGUF carries the broken template.
     set_param(clone, "trainers.sft.chat_template", NO_TURN_END)
-    receipt = (clone / "build/sft/push.json").read_text()
+    receipt = (clone / "build/sft/push-gguf.json").read_text()
     published = {p.name: p.stat().st_mtime_ns for p in (clone / "published/sft/gguf").iterdir()}
-    res = run([str(clone / ".venv/bin/dvc"), "repro", "push@sft"], cwd=clone, check=False)
+    res = run([str(clone / ".venv/bin/dvc"), "repro", "push@sft-gguf"], cwd=clone,
+              check=False)
     assert res.returncode != 0
     assert "the chat template ends an assistant turn with" in res.stderr
     assert "none of the GGUF's end-of-generation tokens ['<|im_end|>']" in res.stderr
     assert "trainers.sft.chat_template" in res.stderr and "Traceback" not in res.stderr
     assert "Running stage 'card@sft'" not in res.stdout
-    assert (clone / "build/sft/push.json").read_text() == receipt
+    assert (clone / "build/sft/push-gguf.json").read_text() == receipt
     assert {p.name: p.stat().st_mtime_ns
             for p in (clone / "published/sft/gguf").iterdir()} == published
 

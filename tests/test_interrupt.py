@@ -247,7 +247,7 @@ CASES = {
             (t / "README.md").exists() for t in temp_of(r / "build/sft/gguf")()),
         "folder final, manifest not yet": lambda r: appears(r / "build/sft/gguf"),
     }),
-    "push@sft": ("push", ["published/sft/gguf"], {
+    "push@sft-gguf": ("push", ["published/sft/gguf"], {
         "a GGUF half copied": lambda r: lambda: any(
             p.stat().st_size > 10 << 20 for p in (r / "published/sft/gguf").glob(".*.tmp")
             if p.is_file()),

@@ -14,17 +14,18 @@ import pytest
 import yaml
 
 from stages.core.hashing import sha256_file
-from tests.pipeline import copy_repo, repro, run, set_param, status
+from tests.pipeline import RELEASES, copy_repo, pushes, repro, run, set_param, status
 
 TRAINERS = ("sft", "kto")
 LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
 
 
 def stages_of(trainer: str, levels: tuple[str, ...] = LEVELS) -> set[str]:
-    """Every release stage of one trainer."""
+    """Every release stage of one demo trainer (the adapter's when it releases one)."""
+    adapter = {f"adapter@{trainer}"} if "adapter" in RELEASES[trainer] else set()
     return ({f"merge@{trainer}", f"convert@{trainer}", f"convert_base@{trainer}",
-             f"logits@{trainer}",
-             f"reference@{trainer}", f"card@{trainer}", f"push@{trainer}"}
+             f"logits@{trainer}", f"reference@{trainer}", f"card@{trainer}"}
+            | adapter | pushes(trainer)
             | {f"{stage}@{trainer}-{level}" for level in levels
                for stage in ("quantize", "evaluate")})
 
@@ -60,13 +61,14 @@ def test_release_folder_is_complete_and_hashes_match(built_repo: Path, trainer: 
     assert manifest["lineage"]["trainer"] == trainer
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
-def test_push_published_exactly_the_release(built_repo: Path, trainer: str) -> None:
-    receipt = json.loads((built_repo / "build" / trainer / "push.json").read_text())
+@pytest.mark.parametrize(("trainer", "fmt"), [(t, f) for t in TRAINERS for f in RELEASES[t]])
+def test_push_published_exactly_the_release(built_repo: Path, trainer: str, fmt: str) -> None:
+    receipt = json.loads((built_repo / "build" / trainer / f"push-{fmt}.json").read_text())
     head = run(["git", "rev-parse", "HEAD"], cwd=built_repo).stdout.strip()
     assert receipt["git_commit"].startswith(head)
-    target = built_repo / "published" / trainer / "gguf"
-    release = built_repo / "build" / trainer / "gguf"
+    assert [f["format"] for f in receipt["formats"]] == [fmt]
+    target = built_repo / "published" / trainer / fmt
+    release = built_repo / "build" / trainer / fmt
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in release.iterdir())
     for path in release.iterdir():
         assert sha256_file(target / path.name) == sha256_file(path)
@@ -106,35 +108,41 @@ def test_changing_one_level_reruns_only_that_level(clone: Path) -> None:
     ran = repro(clone)
     assert ran == ({f"quantize@{t}-Q5_K_M" for t in TRAINERS}
                    | {f"evaluate@{t}-Q5_K_M" for t in TRAINERS}
-                   | {f"card@{t}" for t in TRAINERS} | {f"push@{t}" for t in TRAINERS})
+                   | {f"card@{t}" for t in TRAINERS} | {f"push@{t}-gguf" for t in TRAINERS})
     # Only what changed is published again: the new Q5_K_M file, the card
     # listing it and the quality plot showing its new KLD; the Modelfile (it
     # points at Q4_K_M) and the other levels stay.
-    receipt = json.loads((clone / "build/sft/push.json").read_text())
+    receipt = json.loads((clone / "build/sft/push-gguf.json").read_text())
     name = json.loads((clone / "build/sft/manifest.json").read_text())["name"]
     assert receipt["formats"][0]["uploaded"] == ["README.md", f"{name}-Q5_K_M.gguf",
                                                  "quality.png", "manifest.json"]
 
 
 def test_adding_a_trainer_runs_only_its_stages(clone: Path) -> None:
+    """A new trainer releasing only its adapter: its adapter and push stages run, and no
+    merge, convert, quantize or evaluate stage (of it or of anyone)."""
     entry = json.loads(json.dumps(__import__("yaml").safe_load(
-        (clone / "params.yaml").read_text())["trainers"]["sft"]))
+        (clone / "params.yaml").read_text())["trainers"]["kto"]))
     entry["name"] = "SmolLM2-135M-Instruct-pirate-second"
-    entry["release"]["gguf"]["target"]["path"] = "published/second/gguf"
+    entry["release"] = {"adapter": {"target": {"kind": "local", "path": "published/second/a"}}}
     set_param(clone, "trainers.second", entry)
-    assert repro(clone) == stages_of("second")
-    assert (clone / "published/second/gguf/SmolLM2-135M-Instruct-pirate-second-Q8_0.gguf").is_file()
+    assert repro(clone) == {"adapter@second", "push@second-adapter"}
+    published = clone / "published/second/a"
+    assert (published / "adapter_model.safetensors").read_bytes() == \
+        (clone / entry["adapter"] / "adapter_model.safetensors").read_bytes()
+    assert (published / "SmolLM2-135M-Instruct-pirate-second-lora-f16.gguf").is_file()
+    assert not (clone / "build/second/work").exists()
 
 
 def test_make_push_pushes_only_that_trainer(clone: Path) -> None:
     set_param(clone, "trainers.sft.tags", ["pirate", "changed"])
     set_param(clone, "trainers.kto.tags", ["pirate", "changed"])
-    before = (clone / "build/kto/push.json").read_text()
+    before = (clone / "build/kto/push-gguf.json").read_text()
     res = run(["make", "push", "TRAINER=sft"], cwd=clone)
     ran = set(__import__("re").findall(r"Running stage '([^']+)'", res.stdout + res.stderr))
     # tags are GGUF metadata of the merged model, not of the base
     assert ran == stages_of("sft") - {"merge@sft", "convert_base@sft"}
-    assert (clone / "build/kto/push.json").read_text() == before
+    assert (clone / "build/kto/push-gguf.json").read_text() == before
     card = (clone / "published/sft/gguf/README.md").read_text()
     assert "- changed" in card
 

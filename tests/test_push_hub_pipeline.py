@@ -1,14 +1,15 @@
 """``make push TRAINER=sft`` to the Hub, as a user runs it: the Makefile, DVC, the real client.
 
 One copy of the built demo repo (conftest ``built_repo``, sharing its DVC
-cache) has the sft release pointed at a local Hub (tests/hub_server.py) in
-params.yaml, and is pushed once for the module; the tests then run the
+cache) has the sft release's two formats pointed at two repos of a local Hub
+(tests/hub_server.py) in params.yaml, and is pushed once for the module: the
+GGUF alone (``FORMAT=gguf``), then everything; the tests then run the
 Makefile's other ways of pushing against that state, each leaving it up to
 date.  ``make`` gets the client's environment (``HF_ENDPOINT`` = the server,
 ``HF_HUB_DISABLE_XET=1``, a token carrying ``MARKER``, no ``HF_HUB_OFFLINE``:
 the Makefile exports ``HF_HUB_OFFLINE=1`` itself, and unsets it for the push
 only).  What ran is read from DVC's output, what was published from the
-server's state and counters and the receipt ``build/sft/push.json``.
+server's state and counters and the receipts ``build/sft/push-<format>.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ MARKER = f"hf_MARKER{secrets.token_hex(6)}"
 TOKEN = f"{MARKER}_write_alice"
 REPO_ID = "alice/pirate-sft-GGUF"
 TARGET = {"kind": "hub", "repo_id": REPO_ID, "private": True}
+ADAPTER_REPO = "alice/pirate-sft-LoRA"
+ADAPTER_TARGET = {"kind": "hub", "repo_id": ADAPTER_REPO, "private": True}
 REGULAR = ("Modelfile", "README.md", "manifest.json")  # sent inside the commit, not by LFS
 
 
@@ -42,7 +45,8 @@ class Published:
     repo: Path
     hub: HubServer
     home: Path  # HF_HOME
-    first: subprocess.CompletedProcess | None = None  # the module's first `make push`
+    first: subprocess.CompletedProcess | None = None  # the module's first `make push` (gguf)
+    second: subprocess.CompletedProcess | None = None  # then a plain one: the adapter too
     outputs: list[str] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -65,14 +69,14 @@ class Published:
     def make_push(self, *args: str) -> subprocess.CompletedProcess:
         return self.run("make", "push", "TRAINER=sft", *args)
 
-    def receipt(self) -> dict:
+    def receipt(self, fmt: str = "gguf") -> dict:
         """The receipt's one format."""
-        formats = json.loads((self.repo / "build/sft/push.json").read_text())["formats"]
-        assert len(formats) == 1
+        formats = json.loads((self.repo / f"build/sft/push-{fmt}.json").read_text())["formats"]
+        assert [f["format"] for f in formats] == [fmt]
         return formats[0]
 
-    def manifest(self) -> dict:
-        return json.loads((self.repo / "build/sft/gguf/manifest.json").read_text())
+    def manifest(self, fmt: str = "gguf") -> dict:
+        return json.loads((self.repo / f"build/sft/{fmt}/manifest.json").read_text())
 
     def size(self, name: str) -> int:
         return (self.repo / "build/sft/gguf" / name).stat().st_size
@@ -101,8 +105,10 @@ def published(built_repo: Path, module_tmp
         hub.add_token(TOKEN, user="alice", role="write")
         (tmp / "hf_home").mkdir()
         set_param(repo, "trainers.sft.release.gguf.target", TARGET)
+        set_param(repo, "trainers.sft.release.adapter.target", ADAPTER_TARGET)
         state = Published(repo, hub, tmp / "hf_home")
-        state.first = state.make_push()
+        state.first = state.make_push("FORMAT=gguf")
+        state.second = state.make_push()
         yield state
     assert hub.requests["unrouted"] == 0, [e for e in hub.log if e[2] == 404]
 
@@ -114,8 +120,9 @@ def test_make_push_publishes_the_release_to_the_hub(published: Published) -> Non
     in it), so DVC reruns nothing below it: no reference, quantize or evaluate."""
     hub, first = published.hub, published.first
     assert first is not None
-    assert stages_ran(first) == {"convert@sft", "card@sft", "push@sft"}
+    assert stages_ran(first) == {"convert@sft", "card@sft", "push@sft-gguf"}
     assert "gguf -> hub alice/pirate-sft-GGUF: ok (token of alice, write)" in first.stderr
+    assert "adapter -> hub" not in first.stderr
     assert hub.commits_made[REPO_ID] == 1 and hub.is_private(REPO_ID)
     files = hub.files(REPO_ID)
     listed = {e["path"].removeprefix("gguf/"): e["sha256"]
@@ -130,8 +137,31 @@ def test_make_push_publishes_the_release_to_the_hub(published: Published) -> Non
     assert pushed["bytes_uploaded"] == hub.lfs_bytes_received + regular_bytes(hub, names)
     assert pushed["bytes_uploaded"] == sum(published.size(n) for n in names)
     # kto's release is untouched: still the local folder
-    assert json.loads((published.repo / "build/kto/push.json").read_text())["formats"][0][
+    assert json.loads((published.repo / "build/kto/push-gguf.json").read_text())["formats"][0][
         "kind"] == "local"
+
+
+def test_a_plain_push_after_format_gguf_pushes_the_adapter_to_its_own_repo(
+        published: Published) -> None:
+    """The second ``make push`` builds and pushes what FORMAT=gguf left: the adapter,
+    in its repo, exactly its manifest's files; the GGUF repo is not touched again."""
+    hub, second = published.hub, published.second
+    assert second is not None
+    assert stages_ran(second) == {"adapter@sft", "push@sft-adapter"}
+    assert hub.commits_made[REPO_ID] == 1 and hub.commits_made[ADAPTER_REPO] == 1
+    listed = {e["path"].removeprefix("adapter/"): e["sha256"]
+              for e in published.manifest("adapter")["artifacts"]}
+    assert set(hub.files(ADAPTER_REPO)) == set(listed) | {"manifest.json", ".gitattributes"}
+    assert {name: hub.file_sha256(ADAPTER_REPO, name) for name in listed} == listed
+    assert "training_args.bin" not in listed and "adapter_model.safetensors" in listed
+    assert published.receipt("adapter")["commit"] == hub.commits(ADAPTER_REPO)[0].oid
+    # each card links the other repo
+    gguf_card = hub.files(REPO_ID)["README.md"].decode()
+    adapter_card = hub.files(ADAPTER_REPO)["README.md"].decode()
+    assert f"(https://huggingface.co/{ADAPTER_REPO})" in gguf_card
+    assert f"(https://huggingface.co/{REPO_ID})" in adapter_card
+    assert "base_model_relation: adapter" in adapter_card
+    assert f'PeftModel.from_pretrained(base, "{ADAPTER_REPO}")' in adapter_card
 
 
 def test_make_push_force_reruns_only_push_and_sends_nothing(published: Published) -> None:
@@ -140,8 +170,12 @@ def test_make_push_force_reruns_only_push_and_sends_nothing(published: Published
         "lfs_put"]
     before = published.receipt()
     res = published.make_push("FORCE=1")
-    assert "FORCE=1: push@sft was up to date; re-planning against the target" in res.stdout
-    assert stages_ran(res) == {"push@sft"}
+    for fmt in ("adapter", "gguf"):
+        assert f"FORCE=1: push@sft-{fmt} was up to date; re-planning against the target" \
+            in res.stdout
+    assert stages_ran(res) == {"push@sft-adapter", "push@sft-gguf"}
+    assert published.receipt("adapter")["bytes_uploaded"] == 0
+    assert hub.commits_made[ADAPTER_REPO] == 1
     pushed = published.receipt()
     assert pushed["bytes_uploaded"] == 0 and pushed["uploaded"] == pushed["deleted"] == []
     assert set(pushed["skipped"]) == set(before["uploaded"]) | set(before["skipped"])
@@ -155,7 +189,7 @@ def test_make_push_dry_run_prints_the_plan_and_runs_no_stage(published: Publishe
     date; nothing is built, pushed or recorded."""
     params = published.repo / "params.yaml"
     text, lock = params.read_text(), (published.repo / "dvc.lock").read_text()
-    receipt = (published.repo / "build/sft/push.json").read_text()
+    receipt = (published.repo / "build/sft/push-gguf.json").read_text()
     hub = published.hub
     commits, requests = hub.commits(REPO_ID), sum(hub.requests.values())
     sent = (hub.requests["preupload"], hub.requests["lfs_put"], hub.requests["commit"])
@@ -171,7 +205,7 @@ def test_make_push_dry_run_prints_the_plan_and_runs_no_stage(published: Publishe
     assert "note: the build of sft is out of date" in res.stdout
     assert stages_ran(res) == set()
     assert (published.repo / "dvc.lock").read_text() == lock
-    assert (published.repo / "build/sft/push.json").read_text() == receipt
+    assert (published.repo / "build/sft/push-gguf.json").read_text() == receipt
     assert hub.commits(REPO_ID) == commits
     assert (hub.requests["preupload"], hub.requests["lfs_put"], hub.requests["commit"]) == sent
     assert sum(hub.requests.values()) > requests  # the plan was made against the Hub
@@ -184,7 +218,7 @@ def test_changing_one_level_uploads_only_that_gguf_and_what_lists_it(
     set_param(published.repo, "quantize.levels.Q5_K_M", {"pure": True})
     res = published.make_push()
     assert stages_ran(res) == {"quantize@sft-Q5_K_M", "evaluate@sft-Q5_K_M", "card@sft",
-                               "push@sft"}
+                               "push@sft-gguf"}
     name = published.manifest()["name"]
     gguf = f"{name}-Q5_K_M.gguf"
     pushed = published.receipt()
@@ -216,11 +250,11 @@ def test_stages_other_than_push_make_no_http_request(published: Published) -> No
         silent.add_token(TOKEN, user="alice", role="write")
         env = published.env(HF_ENDPOINT=silent.endpoint, **exports)
         res = published.run(".venv/bin/dvc", "repro", "--force", "--single-item", "convert@sft",
-                            "card@sft", env=env)
-        assert stages_ran(res) == {"convert@sft", "card@sft"}
+                            "card@sft", "adapter@sft", env=env)
+        assert stages_ran(res) == {"convert@sft", "card@sft", "adapter@sft"}
         assert silent.log == [] and sum(silent.requests.values()) == 0
-    status = run([str(published.repo / ".venv/bin/dvc"), "status", "--json", "push@sft"],
-                 cwd=published.repo).stdout
+    status = run([str(published.repo / ".venv/bin/dvc"), "status", "--json", "push@sft-gguf",
+                  "push@sft-adapter"], cwd=published.repo).stdout
     assert json.loads(status.strip() or "{}") == {}, "forced stages must rebuild the same bytes"
 
 
@@ -240,6 +274,7 @@ def test_the_token_is_in_no_file_of_the_clone_and_no_output(published: Published
                 if MARKER.encode() in path.read_bytes():
                     holding.append(path)
     assert not holding, f"the token is written in {holding}"
-    for must in ("dvc.lock", ".dvc/config", ".dvc/config.local", "build/sft/push.json",
+    for must in ("dvc.lock", ".dvc/config", ".dvc/config.local", "build/sft/push-gguf.json",
+                 "build/sft/push-adapter.json", "build/sft/adapter/README.md",
                  "build/sft/gguf/README.md", "params.yaml"):
         assert published.repo / must in scanned, must

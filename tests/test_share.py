@@ -27,7 +27,7 @@ import yaml
 from configobj import ConfigObj
 
 from stages.sharing.remote import RemoteState, probe
-from tests.pipeline import RAN, copy_repo, run, status
+from tests.pipeline import FOLDER_STAGE, RAN, RELEASES, copy_repo, pushes, run, status
 from tests.s3_server import S3Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,19 +82,23 @@ def out_md5(repo: Path, stage: str, path: str) -> str:
 
 
 def release_objects(repo: Path, trainer: str) -> set[str]:
-    """The objects of ``build/<trainer>/gguf``: its .dir listing and every file in it."""
-    listing = out_md5(repo, f"card@{trainer}", f"build/{trainer}/gguf")
-    files = json.loads(object_of(repo / ".dvc/cache", listing).read_text())
-    return {f"{m[:2]}/{m[2:]}" for m in [listing, *(f["md5"] for f in files)]}
+    """The objects of each ``build/<trainer>/<format>``: its .dir listing and every file."""
+    found = set()
+    for fmt in RELEASES[trainer]:
+        listing = out_md5(repo, f"{FOLDER_STAGE[fmt]}@{trainer}", f"build/{trainer}/{fmt}")
+        files = json.loads(object_of(repo / ".dvc/cache", listing).read_text())
+        found |= {f"{m[:2]}/{m[2:]}" for m in [listing, *(f["md5"] for f in files)]}
+    return found
 
 
 def assert_same_release(a: Path, b: Path, trainer: str) -> None:
-    """``b`` holds ``a``'s release of ``trainer``, byte for byte."""
-    folder = Path("build") / trainer / "gguf"
-    names = sorted(p.name for p in (a / folder).iterdir())
-    assert sorted(p.name for p in (b / folder).iterdir()) == names
-    for name in names:
-        assert filecmp.cmp(a / folder / name, b / folder / name, shallow=False), name
+    """``b`` holds ``a``'s release of ``trainer`` (every format), byte for byte."""
+    for fmt in RELEASES[trainer]:
+        folder = Path("build") / trainer / fmt
+        names = sorted(p.name for p in (a / folder).iterdir())
+        assert sorted(p.name for p in (b / folder).iterdir()) == names
+        for name in names:
+            assert filecmp.cmp(a / folder / name, b / folder / name, shallow=False), name
     assert filecmp.cmp(a / "build" / trainer / "manifest.json",
                        b / "build" / trainer / "manifest.json", shallow=False)
 
@@ -136,7 +140,8 @@ def test_every_output_is_shared_and_only_the_push_receipt_is_not() -> None:
             assert options.get("push", True) is True, f"{name}: {path} is not shared"
             if options.get("cache", True) is False:
                 uncached.append((name, path, options))
-    assert uncached == [("push", "build/${key}/push.json", {"cache": False, "persist": True})]
+    assert uncached == [("push", "build/${item.trainer}/push-${item.format}.json",
+                         {"cache": False, "persist": True})]
 
 
 def test_the_default_remote_is_a_folder_outside_every_clone_and_verifies_downloads() -> None:
@@ -226,7 +231,7 @@ def test_clone_b_recomputes_nothing_and_holds_a_byte_identical_release(
     record_property("share_a_seconds", round(SHARE_SECONDS.get("a", 0), 1))
     record_property("remote_bytes", sum(objects(shared_remote).values()))
     assert computed(clone_b.output) == set(), clone_b.output[-4000:]
-    assert set(RAN.findall(clone_b.output)) == {f"push@{t}" for t in TRAINERS}
+    assert set(RAN.findall(clone_b.output)) == pushes("sft") | pushes("kto")
     assert "note:" not in clone_b.output  # the remote was there and used
     for trainer in TRAINERS:
         assert_same_release(built_repo, clone_b.repo, trainer)
@@ -235,11 +240,14 @@ def test_clone_b_recomputes_nothing_and_holds_a_byte_identical_release(
 
 def test_clone_b_publishing_to_the_same_target_uploads_nothing(clone_b: Clone) -> None:
     for trainer in TRAINERS:
-        receipt = json.loads((clone_b.repo / "build" / trainer / "push.json").read_text())
-        (pushed,) = receipt["formats"]
-        assert (pushed["uploaded"], pushed["deleted"], pushed["bytes_uploaded"]) == ([], [], 0)
-        release = clone_b.repo / "build" / trainer / "gguf"
-        assert sorted(pushed["skipped"]) == sorted(p.name for p in release.iterdir())
+        for fmt in RELEASES[trainer]:
+            receipt = json.loads((clone_b.repo / "build" / trainer / f"push-{fmt}.json")
+                                 .read_text())
+            (pushed,) = receipt["formats"]
+            assert (pushed["uploaded"], pushed["deleted"], pushed["bytes_uploaded"]) == \
+                ([], [], 0)
+            release = clone_b.repo / "build" / trainer / fmt
+            assert sorted(pushed["skipped"]) == sorted(p.name for p in release.iterdir())
 
 
 def test_make_gc_keeps_the_current_release_here_and_on_the_remote_when_asked(
@@ -264,7 +272,8 @@ def machine_with_one_trainer(built: Path, repo: Path, trainer: str, remote: Path
     copy_repo(built, repo)
     mine = {name: entry for name, entry in lock_stages(repo).items()
             if name == "prepare_base" or name.split("@")[-1].split("-")[0] == trainer}
-    mine.pop(f"push@{trainer}")
+    for stage in pushes(trainer):
+        mine.pop(stage)
     (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": mine}))
     dvc = str(repo / ".venv/bin/dvc")
     run([dvc, "remote", "add", "--local", "built", str(built / ".dvc/cache")], cwd=repo)
@@ -295,7 +304,7 @@ def test_split_work_a_third_machine_recomputes_nothing_and_downloads_only_the_re
     point_remote(c, remote)
     for trainer in TRAINERS:
         res = sh(["make", "push", f"TRAINER={trainer}"], cwd=c)
-        assert set(RAN.findall(res.stdout + res.stderr)) == {f"push@{trainer}"}
+        assert set(RAN.findall(res.stdout + res.stderr)) == pushes(trainer)
         assert_published(c, built_repo, trainer)
     downloaded = objects(c / ".dvc/cache")
     record_property("machine_c_bytes", sum(downloaded.values()))
@@ -371,7 +380,7 @@ def test_share_and_pull_over_s3_and_a_corrupted_object_is_rebuilt(
 def test_an_unreachable_or_empty_remote_is_said_once_and_the_pipeline_builds_here(
         built_repo: Path, tmp_path: Path) -> None:
     repo = copy_repo(built_repo, tmp_path / "repo", cache_from=built_repo)
-    for receipt in repo.glob("build/*/push.json"):
+    for receipt in repo.glob("build/*/push-*.json"):
         receipt.unlink()
     point_remote(repo, f"s3://{BUCKET}/cache", endpointurl=f"http://127.0.0.1:{free_port()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
@@ -381,11 +390,11 @@ def test_an_unreachable_or_empty_remote_is_said_once_and_the_pipeline_builds_her
     said = [line for line in out.splitlines() if "s3://" in line or "unreachable" in line]
     assert len(said) == 1 and said[0].startswith("note: remote 'shared' (s3://"), said
     assert "ERROR" not in out and "Traceback" not in out
-    assert set(RAN.findall(out)) == {"push@sft"}
+    assert set(RAN.findall(out)) == pushes("sft")
 
     point_remote(repo, tmp_path / "empty")
     res = sh(["make", "demo"], cwd=repo)
     out = res.stdout + res.stderr
     assert sum("is empty" in line for line in out.splitlines()) == 1
     assert "ERROR" not in out and "Traceback" not in out
-    assert set(RAN.findall(out)) == {"push@kto"}
+    assert set(RAN.findall(out)) == pushes("kto")

@@ -83,6 +83,12 @@ class AdapterSettings(ParamsModel):
         return data
 
 
+class LoraSettings(ParamsModel):
+    """The GGUF LoRA (adapter format) on the base GGUF against the merged GGUF."""
+
+    max_kld: Positive = 0.01  # mean KL divergence above which the GGUF LoRA fails
+
+
 class EvalSettings(ParamsModel):
     """``evaluate:``: the held-out text, chunking, and every check's threshold."""
 
@@ -93,6 +99,7 @@ class EvalSettings(ParamsModel):
     smoke: SmokeSettings
     conversion: ConversionSettings
     adapter: AdapterSettings
+    lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _enough_chunks(self) -> EvalSettings:

@@ -60,7 +60,13 @@ TensorType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1
 TENSOR_TYPES: frozenset[str] = frozenset(get_args(TensorType))
 ConvertOuttype = Literal["bf16", "f16"]
 CONVERT_OUTTYPES: tuple[str, ...] = get_args(ConvertOuttype)
-FORMATS: tuple[str, ...] = ("gguf",)
+# Release formats, in the order they are pushed (the GGUF card links the others).
+FORMATS: tuple[str, ...] = ("adapter", "gguf")
+# The options of release.<format> beside `target`, by format.
+FORMAT_OPTIONS: dict[str, frozenset[str]] = {
+    "adapter": frozenset({"gguf_lora"}),
+    "gguf": frozenset({"ollama_level", "split_max_size"}),
+}
 TargetKind = Literal["local", "hub"]
 TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 # Trainer keys become folder and DVC stage names (quantize@<trainer>-<LEVEL>).
@@ -140,16 +146,19 @@ class Target(ParamsModel):
 
 
 class FormatRelease(Keyed):
-    """One published format of a trainer (only ``gguf`` for now)."""
+    """One published format of a trainer: its target and its options
+    (:data:`FORMAT_OPTIONS`; the trainer checks each applies to its format)."""
 
     target: Target
+    # adapter: also publish the adapter as a GGUF LoRA (llama.cpp's --lora)
+    gguf_lora: Flag = True
     ollama_level: Text | None = None  # the level `ollama run` gets; checked against the levels
     # A GGUF bigger than this is published in shards (llama-gguf-split); never Ollama's level.
     split_max_size: Annotated[Text, pattern(
         SPLIT_SIZE, "must be a size as llama-gguf-split takes it: a whole number and M or G "
         f"(1000-based), e.g. `{DEFAULT_SPLIT_MAX_SIZE}`")] = DEFAULT_SPLIT_MAX_SIZE
 
-    format = own_key("The key under ``release:`` (``gguf``).")
+    format = own_key("The key under ``release:`` (``adapter``, ``gguf``).")
 
     @property
     def split_max_bytes(self) -> int:
@@ -210,6 +219,25 @@ class Trainer(Keyed):
             value = getattr(self, key)
             raise problem(what, at=key, got=NOTHING if value is None else value)
         return self
+
+    @model_validator(mode="after")
+    def _options_fit_formats(self) -> Trainer:
+        for fmt, release in self.release.items():
+            foreign = sorted(release.model_fields_set - {"target"} - FORMAT_OPTIONS[fmt])
+            if foreign:
+                allowed = ", ".join(sorted(FORMAT_OPTIONS[fmt])) or "none"
+                raise problem(f"does not apply to the {fmt} format (its options: {allowed})",
+                              at=f"release.{fmt}.{foreign[0]}",
+                              got=getattr(release, foreign[0]))
+        return self
+
+    def releases(self, fmt: str | None = None) -> list[str]:
+        """The formats this trainer releases, in push order (:data:`FORMATS`); with
+        ``fmt``, ``[fmt]`` when it releases it."""
+        if fmt is not None and fmt not in self.release:
+            raise ReleaseError(f"trainer {self.key} does not release {fmt}; it releases "
+                               f"{', '.join(self.releases())} (trainers.{self.key}.release)")
+        return [f for f in FORMATS if f in self.release and fmt in (None, f)]
 
     @property
     def run_dir(self) -> Path:

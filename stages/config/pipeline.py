@@ -5,7 +5,8 @@ for every trainer.  A trainer runs only the stages its release formats need, so
 dvc.yaml loops over the stage sets of ``pipeline.yaml`` instead (its ``vars``),
 one set per group of stages (:data:`STAGE_SETS`), each holding the trainers
 that need it with the few values their stages read through ``${item...}``
-(:func:`_item`; the rest they read from params.yaml, as DVC params dependencies).
+(:func:`_item`; the rest they read from params.yaml, as DVC params dependencies),
+and the push stages' set, one entry per trainer and format (``push@<trainer>-<format>``).
 
 ``pipeline.yaml`` is written by ``python -m stages.pipeline`` (``make
 pipeline``; every make target that runs the pipeline writes it first), is
@@ -17,22 +18,42 @@ a new trainer's entry, so the make targets write the file first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from stages.config.params import Params
+from stages.config.params import Params, Trainer
 from stages.core.errors import ParamsError
 
 PIPELINE_FILE = "pipeline.yaml"
 ROOT_KEY = "builds"  # one top-level key: DVC refuses a var that params.yaml also defines
-# Stage set -> the release formats whose trainers need it.
-STAGE_SETS: dict[str, frozenset[str]] = {
+
+
+def checks_lora(trainer: Trainer) -> bool:
+    """Whether the trainer's GGUF LoRA is checked: it publishes one (``adapter`` with
+    ``gguf_lora``) and a GGUF, whose base GGUF and reference logits the check uses."""
+    adapter = trainer.release.get("adapter")
+    return adapter is not None and adapter.gguf_lora and "gguf" in trainer.release
+
+
+# Stage set -> which trainers need it.
+STAGE_SETS: dict[str, Callable[[Trainer], bool]] = {
     # merge: the merged model every format but the adapter is made from
-    "merge": frozenset({"gguf"}),
-    # convert, convert_base, logits, reference, quantize, evaluate, card, push
-    "gguf": frozenset({"gguf"}),
+    "merge": lambda t: "gguf" in t.release,
+    # convert, convert_base, logits, reference, quantize, evaluate, card
+    "gguf": lambda t: "gguf" in t.release,
+    # adapter: the run's adapter folder and its GGUF LoRA
+    "adapter": lambda t: "adapter" in t.release,
+    # lora_check: the GGUF LoRA on the base GGUF against the merged GGUF's logits
+    "lora_check": checks_lora,
 }
+# What adapter@<t> reads of lora_check@<t>.  A trainer whose GGUF LoRA is not checked
+# names its adapter folder instead, already a dependency (DVC's deps take no list
+# variable, and a duplicate dependency is harmless): the stage reads params to know.
+LORA_CHECK = "build/{key}/work/eval/lora.json"
+# The push stages' set: one entry per trainer and format, ``<trainer>-<format>``.
+RELEASES = "releases"
 HEADER = """\
 # Written by `make pipeline` (python -m stages.pipeline) from params.yaml: do not edit.
 # The stages each trainer needs, by its release formats: dvc.yaml loops over these sets
@@ -42,17 +63,22 @@ HEADER = """\
 
 def _item(params: Params, key: str) -> dict:
     trainer = params.trainer(key)
-    return {"adapter": str(trainer.adapter), "base_model": {"path": str(trainer.base_model.path)}}
+    check = LORA_CHECK.format(key=key) if checks_lora(trainer) else str(trainer.adapter)
+    return {"adapter": str(trainer.adapter), "base_model": {"path": str(trainer.base_model.path)},
+            "lora_check": check}
 
 
 def stage_sets(params: Params) -> dict[str, dict]:
     """``{set: {trainer: item}}`` for every set of :data:`STAGE_SETS`, plus ``<set>_keys``
     (the trainer names alone, for ``matrix``)."""
     sets: dict[str, dict] = {}
-    for name, formats in STAGE_SETS.items():
+    for name, needs in STAGE_SETS.items():
         sets[name] = {key: _item(params, key) for key, trainer in params.trainers.items()
-                      if formats & set(trainer.release)}
-    return {ROOT_KEY: sets | {f"{name}_keys": list(items) for name, items in sets.items()}}
+                      if needs(trainer)}
+    keys = {f"{name}_keys": list(items) for name, items in sets.items()}
+    releases = {f"{key}-{fmt}": {"trainer": key, "format": fmt}
+                for key, trainer in params.trainers.items() for fmt in trainer.releases()}
+    return {ROOT_KEY: sets | keys | {RELEASES: releases}}
 
 
 def render(params: Params) -> str:

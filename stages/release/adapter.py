@@ -13,18 +13,44 @@ local folder the run trained from) rewritten to the base's Hub id, so
 ``PeftModel.from_pretrained(base, repo)`` and the Hub's lineage both find the
 base.  The config's other values are kept as they are; the privacy scan of the
 folder still stops one that names this machine.
+
+:func:`render_adapter_release` builds ``build/<trainer>/adapter/``: those files,
+the same adapter as a GGUF LoRA (``release.adapter.gguf_lora``, the default),
+a model card and manifest.json, whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.core.errors import InputError
-from stages.weights.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from stages.config.params import Params, Trainer
+from stages.config.pipeline import checks_lora
+from stages.core import atomic
+from stages.core.errors import InputError, ReleaseError
+from stages.core.hashing import sha256_file
+from stages.core.preflight import human_size
+from stages.llamacpp.lora import LoraGguf, check_gguf_lora, convert_lora
+from stages.release.card import card_filters, check_card, render_front_matter, seal_release
+from stages.release.hub_meta import check_front_matter, front_matter, other_formats
+from stages.release.lineage import LINEAGE_FILE, card_context, load_lineage, publish_lineage
+from stages.release.manifest import Artifact, artifact, tool_versions
+from stages.release.privacy import publish_params
+from stages.release.templates import render
+from stages.weights.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from stages.weights.merge import TEMPLATE_FILES, TOKENIZER_FILES
+
+log = logging.getLogger(__name__)
+
+FORMAT = "adapter"
+# The GGUF LoRA's tensor type: the converter's default, which every llama.cpp backend
+# applies (the adapter's own weights are usually fp32; LoRA factors fit f16's range).
+GGUF_LORA_OUTTYPE = "f16"
+# peft's peft_type as people write it.
+PEFT_NAMES: dict[str, str] = {"LORA": "LoRA"}
 
 PUBLISHED: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES, *TEMPLATE_FILES)
 # Keys of tokenizer_config.json that older transformers filled with the folder the
@@ -72,3 +98,120 @@ def write_files(*, adapter: Path, base_id: str, out: Path) -> AdapterFiles:
         else:
             shutil.copyfile(src, out / name)
     return AdapterFiles(files=tuple(sorted(chosen)), left_out=left_out)
+
+
+@dataclass(frozen=True)
+class AdapterRelease:
+    out: Path
+    artifacts: tuple[Artifact, ...]
+    left_out: tuple[str, ...]
+
+
+def kind_of(name: str) -> str:
+    """The manifest's ``kind`` of a published adapter file."""
+    if name == ADAPTER_WEIGHTS:
+        return "adapter"
+    if name == ADAPTER_CONFIG:
+        return "config"
+    if name.endswith(".gguf"):
+        return "gguf_lora"
+    return "chat_template" if name in TEMPLATE_FILES else "tokenizer"
+
+
+def adapter_summary(config: dict) -> dict:
+    """What the card says of the adapter's shape, from its adapter_config.json."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    kind = str(config.get("peft_type", "LORA"))
+    return {"peft_type": PEFT_NAMES.get(kind, kind), "r": config.get("r"),
+            "lora_alpha": config.get("lora_alpha"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else [],
+            "use_dora": bool(config.get("use_dora")), "use_rslora": bool(config.get("use_rslora")),
+            "modules_to_save": sorted(config.get("modules_to_save") or [])}
+
+
+def lora_file_name(trainer: Trainer) -> str:
+    """The published GGUF LoRA's file name."""
+    return f"{trainer.name}-lora-{GGUF_LORA_OUTTYPE}.gguf"
+
+
+def gguf_lora(*, params: Params, trainer: Trainer, base: Path, folder: Path) -> LoraGguf:
+    """Write the trainer's GGUF LoRA into ``folder`` (the same bytes wherever it is made:
+    lora_check@<t> checks what adapter@<t> publishes)."""
+    config = public_config(read_json(trainer.adapter / ADAPTER_CONFIG), trainer.base_model.id)
+    return convert_lora(adapter=load_adapter(trainer.adapter), config=config, base=base,
+                        out=folder / lora_file_name(trainer), name=trainer.name,
+                        outtype=GGUF_LORA_OUTTYPE, trainer_key=trainer.key,
+                        llama_cpp_version=params.llama_cpp_version)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_lora_check(path: Path | None, trainer: Trainer, lora: Path | None) -> dict | None:
+    """What lora_check@<t> measured of ``lora`` (the GGUF LoRA just made), or None when
+    the trainer's GGUF LoRA is not checked (pipeline.yaml: no GGUF release to compare
+    with, or no GGUF LoRA)."""
+    if lora is None or not checks_lora(trainer):
+        return None
+    if path is None or not path.is_file() or path.suffix != ".json":
+        raise ReleaseError(f"trainer {trainer.key} releases a GGUF LoRA and a GGUF, so its "
+                           f"adapter card needs lora_check@{trainer.key}'s record; pass "
+                           "--lora-check build/<trainer>/work/eval/lora.json (dvc repro runs it)")
+    record = read_json(path)
+    if record.get("lora_sha256") != sha256_file(lora):
+        raise ReleaseError(f"{path} measured another GGUF LoRA than the one made now "
+                           f"({lora.name}); rerun lora_check@{trainer.key} (dvc repro)")
+    return record
+
+
+def render_adapter_release(*, params: Params, trainer_key: str, base: Path, out: Path,
+                           lora_check: Path | None = None) -> AdapterRelease:
+    """Build ``out`` (``build/<trainer>/adapter/``) for the trainer's run; ``base`` is the
+    base model's folder (the GGUF LoRA converter reads its config.json); ``lora_check``
+    the record of lora_check@<t>, when the trainer's GGUF LoRA is checked."""
+    trainer = params.trainer(trainer_key)
+    if FORMAT not in trainer.release:
+        raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
+    release = trainer.release[FORMAT]
+    source = trainer.run_dir / LINEAGE_FILE
+    lineage = publish_lineage(load_lineage(source), source=source)
+    published = publish_params(params, trainer.key)
+    lora = load_adapter(trainer.adapter)
+    if release.gguf_lora:
+        check_gguf_lora(lora, trainer.key)  # before any work: the reason and what to do
+    with atomic.output_dir(out) as tmp:
+        files = write_files(adapter=trainer.adapter, base_id=trainer.base_model.id, out=tmp)
+        names = list(files.files)
+        config = json.loads((tmp / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        lora_file = None
+        if release.gguf_lora:
+            lora_file = gguf_lora(params=params, trainer=trainer, base=base, folder=tmp).out.name
+            names.append(lora_file)
+        checked = load_lora_check(lora_check, trainer, tmp / lora_file if lora_file else None)
+        arts = [artifact(tmp.parent, tmp / name, fmt=FORMAT, kind=kind_of(name))
+                for name in names]
+        matter = front_matter(trainer, lineage.fields, FORMAT)
+        check_front_matter(matter, trainer_key=trainer.key)
+        target = release.target
+        card_filters()
+        card = render(
+            "README.adapter.md.j2", front_matter=render_front_matter(matter), name=trainer.name,
+            base_model=trainer.base_model.id, **card_context(lineage),
+            params_keys=published.keys, tools=tool_versions(params.llama_cpp_version),
+            files=[{"file": a.path.split("/", 1)[1], "kind": a.kind,
+                    "size": human_size(a.bytes), "sha256": a.sha256} for a in arts],
+            repo=target.repo_id if target.kind == "hub" else None,
+            tokenizer_saved=any(n in names for n in TOKENIZER_FILES),
+            lora_file=lora_file, adapter=adapter_summary(config), lora_check=checked,
+            others=other_formats(trainer, FORMAT))
+        check_card(card, matter)
+        atomic.write_text(tmp / "README.md", card)
+        arts.append(artifact(tmp.parent, tmp / "README.md", fmt=FORMAT, kind="card"))
+        _, arts = seal_release(tmp=tmp, out=out, root=out.parent, fmt=FORMAT, trainer=trainer,
+                               params=params, arts=arts, lineage=lineage, published=published)
+    log.info("wrote %s (%d files; left out of the run's folder: %s)", out, len(arts),
+             ", ".join(files.left_out) or "nothing")
+    return AdapterRelease(out=out, artifacts=tuple(arts), left_out=files.left_out)

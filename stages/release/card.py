@@ -30,7 +30,7 @@ from stages.core.errors import ReleaseError
 from stages.core.preflight import human_size
 from stages.llamacpp.gguf_meta import read_chat_info
 from stages.llamacpp.split import plan_split, split_gguf
-from stages.release.hub_meta import check_front_matter, front_matter
+from stages.release.hub_meta import check_front_matter, front_matter, other_formats
 from stages.release.lineage import (
     LINEAGE_FILE,
     Lineage,
@@ -46,6 +46,7 @@ from stages.release.manifest import (
     tool_versions,
 )
 from stages.release.privacy import (
+    PublishedParams,
     check_release,
     leaves,
     public_path,
@@ -144,6 +145,11 @@ def place_ggufs(*, tmp: Path, trainer: Trainer, records: list[dict], quant_dir: 
     return files, arts
 
 
+def card_filters() -> None:
+    """Add the filters the card templates use to the template environment."""
+    environment().filters.update(cell=table_cell, one_line=one_line, public_path=public_path)
+
+
 def render_front_matter(data: dict) -> str:
     """yaml.safe_dump the front matter and check it reads back the same."""
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
@@ -187,8 +193,7 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
                   quant_dir: Path, lineage: Lineage, params_keys: tuple[str, ...],
                   quality: Quality) -> list[Artifact]:
     """Fill ``tmp`` with the GGUFs, README.md, quality.png and Modelfile; return artifacts."""
-    env = environment()
-    env.filters.update(cell=table_cell, one_line=one_line, public_path=public_path)
+    card_filters()
     atomic.write_bytes(tmp / PLOT, render_plot(quality, f"{trainer.name}: size vs fidelity"))
     files, arts = place_ggufs(tmp=tmp, trainer=trainer, records=records, quant_dir=quant_dir,
                               llama_cpp_version=params.llama_cpp_version)
@@ -214,6 +219,7 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
         fallbacks=[fb | {"level": r["level"]} for r in records for fb in r["fallbacks"]],
         default_file=default_file, ollama_name=ollama_name, quality=quality, plot=PLOT,
         overrides={"chat_template": trainer.chat_template, "eos_token": trainer.eos_token},
+        others=other_formats(trainer, FORMAT),
         tools=tool_versions(params.llama_cpp_version))
     check_card(card, matter)
     atomic.write_text(tmp / "README.md", card)
@@ -236,28 +242,40 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
     published = publish_params(params, trainer.key)
     quality = load_quality(eval_dir, records, trainer.key)
     root = manifest.parent
-    if out.parent.resolve() != root.resolve():
-        raise ReleaseError(f"--out {out} must sit in the manifest's folder {root}")
     with atomic.output_dir(out) as tmp:
         arts = write_release(tmp=tmp, trainer=trainer, params=params, records=records,
                              quant_dir=quant_dir, lineage=lineage, params_keys=published.keys,
                              quality=quality)
-        arts = [replace(a, path=f"{out.name}/{a.path.split('/', 1)[1]}") for a in arts]
-        text = render_manifest(trainer=trainer.key, name=trainer.name, artifacts=arts,
-                               lineage=lineage.published, params=published.data,
-                               published_keys={"params": list(published.keys),
-                                               "lineage": list(lineage.shown)},
-                               tools=tool_versions(params.llama_cpp_version))
-        staged = {**json.loads(text)}
-        staged["artifacts"] = [{**a, "path": a["path"].replace(out.name, tmp.name, 1)}
-                               for a in staged["artifacts"]]
-        check_manifest(json.dumps(staged), root)
-        atomic.write_text(tmp / "manifest.json", text)
-        # A name the trainer's params publish on purpose (a Hub namespace that is also the
-        # user's login) is not the machine giving itself away.
-        allowed = [value for _, value in leaves(published.data) if isinstance(value, str)]
-        check_release(tmp, this_machine(allowed=allowed), trainer_key=trainer.key)
+        text, arts = seal_release(tmp=tmp, out=out, root=root, fmt=FORMAT, trainer=trainer,
+                                  params=params, arts=arts, lineage=lineage, published=published)
     atomic.write_text(manifest, text)
     atomic.write_text(plot_data, json.dumps(plot_points(quality), indent=2) + "\n")
     log.info("wrote %s (%d files) and %s", out, len(arts), manifest)
     return CardResult(out=out, manifest=manifest, artifacts=tuple(arts))
+
+
+def seal_release(*, tmp: Path, out: Path, root: Path, fmt: str, trainer: Trainer,
+                 params: Params, arts: list[Artifact], lineage: Lineage,
+                 published: PublishedParams) -> tuple[str, list[Artifact]]:
+    """Finish the staged folder ``tmp`` of format ``fmt`` that becomes ``out`` (in
+    ``root`` = ``build/<trainer>/``): write its manifest.json, check it against the
+    files, and scan everything for this machine and secrets.  The manifest text, and
+    the artifacts with their paths under ``out``."""
+    if out.parent.resolve() != root.resolve():
+        raise ReleaseError(f"{out} must sit in the trainer's build folder {root}")
+    arts = [replace(a, path=f"{out.name}/{a.path.split('/', 1)[1]}") for a in arts]
+    text = render_manifest(trainer=trainer.key, name=trainer.name, fmt=fmt, artifacts=arts,
+                           lineage=lineage.published, params=published.data,
+                           published_keys={"params": list(published.keys),
+                                           "lineage": list(lineage.shown)},
+                           tools=tool_versions(params.llama_cpp_version))
+    staged = {**json.loads(text)}
+    staged["artifacts"] = [{**a, "path": a["path"].replace(out.name, tmp.name, 1)}
+                           for a in staged["artifacts"]]
+    check_manifest(json.dumps(staged), root)
+    atomic.write_text(tmp / "manifest.json", text)
+    # A name the trainer's params publish on purpose (a Hub namespace that is also the
+    # user's login) is not the machine giving itself away.
+    allowed = [value for _, value in leaves(published.data) if isinstance(value, str)]
+    check_release(tmp, this_machine(allowed=allowed), trainer_key=trainer.key)
+    return text, arts

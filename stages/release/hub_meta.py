@@ -16,7 +16,7 @@ from typing import Any
 from stages.config.hub import license_problem
 from stages.config.params import Trainer
 from stages.core.errors import ReleaseError
-from stages.release.privacy import file_name
+from stages.release.privacy import file_name, public_path
 
 PIPELINE_TAG = "text-generation"
 # base_model_relation by published format.  The Hub docs (huggingface.co/docs/hub/
@@ -138,3 +138,19 @@ def check_front_matter(meta: dict, *, trainer_key: str) -> None:
     if problems:
         raise ReleaseError(f"the model card of trainer {trainer_key} breaks the Hub's metadata "
                            f"rules: {'; '.join(problems)} (trainers.{trainer_key} in params.yaml)")
+
+
+def other_formats(trainer: Trainer, fmt: str) -> list[dict]:
+    """The trainer's other released formats, as a card links them: a Hub repo by its
+    URL, a local target by its folder's name (never a path of this machine)."""
+    found = []
+    for other in trainer.releases():
+        if other == fmt:
+            continue
+        target = trainer.release[other].target
+        if target.kind == "hub":
+            found.append({"format": other, "name": target.repo_id,
+                          "url": f"https://huggingface.co/{target.repo_id}"})
+        else:
+            found.append({"format": other, "name": public_path(str(target.path)), "url": None})
+    return found

@@ -64,13 +64,14 @@ def tool_versions(llama_cpp_version: str) -> dict[str, str]:
     return versions
 
 
-def render_manifest(*, trainer: str, name: str, artifacts: list[Artifact], lineage: dict,
-                    params: dict, published_keys: dict[str, list[str]],
+def render_manifest(*, trainer: str, name: str, fmt: str, artifacts: list[Artifact],
+                    lineage: dict, params: dict, published_keys: dict[str, list[str]],
                     tools: dict[str, str]) -> str:
-    """Render the manifest JSON text from its template.  ``lineage`` and ``params`` are
+    """Render the manifest JSON text of one released format ``fmt`` from its template.
+    ``lineage`` and ``params`` are
     what :mod:`stages.release.lineage` and :mod:`stages.release.privacy` publish of them,
     ``published_keys`` says which keys those are."""
-    return render("manifest.json.j2", schema=SCHEMA, trainer=trainer, name=name,
+    return render("manifest.json.j2", schema=SCHEMA, trainer=trainer, name=name, format=fmt,
                            artifacts=[asdict(a) for a in artifacts], lineage=lineage,
                            params=params, published_keys=published_keys, tools=tools)
 
@@ -81,7 +82,8 @@ def check_manifest(text: str, root: Path) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReleaseError(f"rendered manifest is not valid JSON: {exc}") from None
-    for key in ("schema", "trainer", "artifacts", "lineage", "params", "published_keys", "tools"):
+    for key in ("schema", "trainer", "format", "artifacts", "lineage", "params",
+                "published_keys", "tools"):
         if key not in data:
             raise ReleaseError(f"rendered manifest lacks `{key}`; check templates/manifest.json.j2")
     for entry in data["artifacts"]:

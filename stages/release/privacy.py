@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import getpass
+import json
 import logging
 import re
 import socket
@@ -266,6 +267,8 @@ MACHINE_PATH = re.compile(r"""
 # The tokenizer's vocabulary (tokens, merges, types, scores): tens of thousands of model
 # strings, not metadata anyone wrote.  Every other GGUF key is scanned.
 GGUF_VOCABULARY = "tokenizer.ggml."
+# A safetensors header is JSON of tensor names, shapes and offsets: megabytes at most.
+SAFETENSORS_HEADER_MAX = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -325,12 +328,28 @@ def gguf_strings(path: Path) -> Iterator[tuple[str, str]]:
                 yield (f"{field.name}.{index}" if field.is_array else field.name), item
 
 
+def safetensors_strings(path: Path) -> Iterator[tuple[str, str]]:
+    """(key, text) of ``path``'s header metadata (``__metadata__``: what the saving code
+    chose to write there) and its tensor names."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if size <= 0 or size > SAFETENSORS_HEADER_MAX:
+            raise ReleaseError(f"{path.name} is not a safetensors file (header of {size} bytes)")
+        header = json.loads(fh.read(size))
+    for key, value in (header.pop("__metadata__", None) or {}).items():
+        yield f"__metadata__.{key}", f"{key}: {value}"
+    for name in header:
+        yield "tensor name", name
+
+
 def scan_release(folder: Path, machine: Machine) -> list[str]:
-    """Where ``folder``'s files identify ``machine`` or hold a secret: ``file: where: what``."""
+    """Where ``folder``'s files identify ``machine`` or hold a secret: ``file: where: what``.
+    Text files line by line; GGUF metadata and safetensors headers key by key."""
     found = []
     for path in sorted(folder.iterdir()):
-        if path.suffix == ".gguf":
-            for key, text in gguf_strings(path):
+        if path.suffix in (".gguf", ".safetensors"):
+            strings = gguf_strings(path) if path.suffix == ".gguf" else safetensors_strings(path)
+            for key, text in strings:
                 found += [f"{path.name}: {key}: {what}" for _, what in scan_text(text, machine)]
             continue
         try:

@@ -35,7 +35,7 @@ from stages.sharing.remote import RemoteState, probe
 
 log = logging.getLogger(__name__)
 
-PUSH_STAGES = "push@*"  # dvc.yaml: push is a foreach stage, one per trainer
+PUSH_STAGES = "push@*"  # dvc.yaml: push is a foreach stage, one per trainer and format
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,34 @@ def build_all(root: Path, targets: tuple[str, ...] = ()) -> BuildResult:
     return BuildResult(remote)
 
 
-def build_for_push(root: Path, trainer: str) -> BuildResult:
-    """What ``push@<trainer>`` needs, then the push (``make push TRAINER=<trainer>``)."""
-    stage = f"push@{trainer}"
+def build_for_push(root: Path, stages: list[str], *, force: bool = False) -> BuildResult:
+    """What each push stage of ``stages`` (``push@<trainer>-<format>``, in push order)
+    needs, then the push (``make push TRAINER=<trainer> [FORMAT=<format>]``).  With
+    ``force``, a push stage DVC found up to date runs again (re-planned against its
+    target: a file someone changed there is restored)."""
     sweep_leftovers(root)
     remote = probe(root)
     if not remote.usable:
         log.warning(remote.notice())
+    result = BuildResult(remote)
+    for stage in stages:
+        before = receipt_text(root, stage)
+        result = _build_one(root, stage, remote)
+        if force and before is not None and receipt_text(root, stage) == before:
+            print(f"FORCE=1: {stage} was up to date; re-planning against the target", flush=True)
+            check_dvc(root, "repro", "--force", "--single-item", stage)
+    return result
+
+
+def receipt_text(root: Path, stage: str) -> str | None:
+    """The receipt ``push@<trainer>-<format>`` writes, or None before its first push."""
+    trainer, _, fmt = stage.removeprefix("push@").rpartition("-")
+    path = root / "build" / trainer / f"push-{fmt}.json"
+    return path.read_text() if path.is_file() else None
+
+
+def _build_one(root: Path, stage: str, remote: RemoteState) -> BuildResult:
+    if not remote.usable:
         check_dvc(root, "repro", stage)
         return BuildResult(remote)
     inputs = stage_inputs(root, stage)
