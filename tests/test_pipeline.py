@@ -79,8 +79,8 @@ def test_second_repro_runs_nothing(built_repo: Path) -> None:
 
 
 def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) -> None:
-    """stages/fidelity is a dep of logits@, reference@ and evaluate@ only: DVC would rerun
-    those, and no merge, convert or quantize (a reorganised dep list must keep expensive
+    """stages/fidelity is a dep of logits@, reference@, evaluate@ and lora_check@ only: DVC
+    would rerun those, and no merge, convert or quantize (a reorganised dep list must keep expensive
     stages cached)."""
     library = built_repo / "stages/fidelity/hf_checks.py"
     text = library.read_text()
@@ -91,7 +91,8 @@ def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) 
     finally:
         library.write_text(text)
     checks = ({f"{stage}@{t}" for t in TRAINERS for stage in ("logits", "reference")}
-              | {f"evaluate@{t}-{lv}" for t in TRAINERS for lv in LEVELS})
+              | {f"evaluate@{t}-{lv}" for t in TRAINERS for lv in LEVELS}
+              | {f"lora_check@{t}" for t in TRAINERS if "adapter" in RELEASES[t]})
     assert set(after) == set(before) | checks, json.dumps(after, indent=1)
     for stage in checks:
         assert {"changed deps": {"stages/fidelity": "modified"}} in after[stage], after[stage]
