@@ -11,7 +11,7 @@ Writes: ``--out`` = ``build/<trainer>/gguf/``, exactly what is published:
         shards ``<name>-<LEVEL>-00001-of-0000N.gguf``, never the Ollama level),
         ``README.md`` (Hugging Face model card, metadata as the Hub takes it),
         ``quality.png`` (file size vs KL divergence), ``Modelfile`` (Ollama),
-        ``manifest.json``; ``--manifest`` = ``build/<trainer>/manifest.json``;
+        ``manifest.json``;
         and ``--plot-data`` (the DVC plot of size vs KL divergence).
 
 Rendered text is parsed back and checked before anything is written; the
@@ -42,15 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-dir", type=Path, required=True,
                         help="folder with reference.json and <LEVEL>.details.json")
     parser.add_argument("--out", type=Path, required=True, help="published folder to write")
-    parser.add_argument("--manifest", type=Path, required=True,
-                        help="build/<trainer>/manifest.json to write")
     parser.add_argument("--plot-data", type=Path, required=True,
                         help="JSON rows of size vs KL divergence to write (a DVC plot)")
 
     def body(args) -> None:
         render_release(params=load_params(args.params), trainer_key=args.trainer,
                        quant_dir=args.quant_dir, eval_dir=args.eval_dir, out=args.out,
-                       manifest=args.manifest, plot_data=args.plot_data)
+                       plot_data=args.plot_data)
 
     return run_stage(parser, argv, body)
 

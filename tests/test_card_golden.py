@@ -50,7 +50,7 @@ RUN_DIR = Path("inputs/runs/sft/golden")  # trainers.sft.adapter's parent in the
 QUANT = Path("build/sft/work/quant")
 EVAL = Path("build/sft/work/eval")
 OUT = Path("build/sft/gguf")
-MANIFEST = Path("build/sft/manifest.json")
+BUILD = Path("build/sft")  # manifest paths are relative to it
 PLOT_DATA = Path("build/sft/quality.json")
 
 # The metadata the card reads from a GGUF (stages/llamacpp/gguf_meta.py), as
@@ -147,8 +147,7 @@ def render(root: Path, change: Callable[[Path], None] | None = None) -> dict[str
     with contextlib.chdir(root), pytest.MonkeyPatch.context() as patch:
         patch.setattr(card, "tool_versions", fixed_tool_versions)
         card.render_release(params=load_params(Path("params.yaml")), trainer_key=TRAINER,
-                            quant_dir=QUANT, eval_dir=EVAL, out=OUT, manifest=MANIFEST,
-                            plot_data=PLOT_DATA)
+                            quant_dir=QUANT, eval_dir=EVAL, out=OUT, plot_data=PLOT_DATA)
     folder = root / OUT
     files = {name: (folder / name).read_bytes() for name in GOLDEN_FILES}
     files["manifest.json"] = normalise_plot(files["manifest.json"].decode(),
@@ -204,9 +203,8 @@ def test_the_release_folder_is_consistent(rendered) -> None:
     name = "SmolLM2-135M-Instruct-golden-sft"
     assert names == sorted([f"{name}-{lv}.gguf" for lv in LEVELS]
                            + ["Modelfile", "README.md", "manifest.json", "quality.png"])
-    text = (root / MANIFEST).read_text()
-    assert (root / OUT / "manifest.json").read_text() == text
-    verify_hashes(check_manifest(text, root / MANIFEST.parent), root / MANIFEST.parent)
+    text = (root / OUT / "manifest.json").read_text()
+    verify_hashes(check_manifest(text, root / BUILD), root / BUILD)
     assert (root / OUT / "quality.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     points = json.loads((root / PLOT_DATA).read_text())
     assert [p["level"] for p in points] == list(LEVELS)

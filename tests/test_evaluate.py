@@ -545,8 +545,7 @@ def test_card_records_the_overrides(built_repo: Path, tmp_path: Path) -> None:
     data["trainers"]["sft"]["adapter"] = str(built_repo / data["trainers"]["sft"]["adapter"])
     work = built_repo / "build/sft/work"
     render_card(params=parse_params(data), trainer_key="sft", quant_dir=work / "quant",
-                eval_dir=work / "eval", out=tmp_path / "gguf", manifest=tmp_path / "manifest.json",
-                plot_data=tmp_path / "quality.json")
+                eval_dir=work / "eval", out=tmp_path / "gguf", plot_data=tmp_path / "quality.json")
     card = " ".join((tmp_path / "gguf" / "README.md").read_text().split())
     assert "EOS was **overridden** in `params.yaml` to `<|im_end|>` before conversion" in card
     assert "chat template was **overridden**" not in card

@@ -140,7 +140,7 @@ def test_family_releases_end_to_end(family: str, family_root: Path) -> None:
           "--out", str(work / f"eval/{LEVEL}.json"))
     stage(root, "card", "--trainer", t, "--quant-dir", str(work / "quant"),
           "--eval-dir", str(work / "eval"), "--out", str(work / "gguf"),
-          "--manifest", str(work / "manifest.json"), "--plot-data", str(work / "quality.json"))
+          "--plot-data", str(work / "quality.json"))
     ref = json.loads((work / "eval/reference.json").read_text())
     assert ref["conversion"]["kld_mean"] < ref["conversion"]["max_kld"]
     assert ref["adapter_merge"]["lora_merged"] > 0

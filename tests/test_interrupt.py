@@ -241,11 +241,11 @@ CASES = {
         "details final, figures not yet": lambda r: appears(
             r / "build/sft/work/eval/Q4_K_M.details.json"),
     }),
-    "card@sft": ("card", ["build/sft/gguf", "build/sft/manifest.json"], {
+    "card@sft": ("card", ["build/sft/gguf", "build/sft/quality.json"], {
         "folder temp appears": lambda r: temp_appears(r / "build/sft/gguf"),
         "card written in the temp": lambda r: lambda: any(
             (t / "README.md").exists() for t in temp_of(r / "build/sft/gguf")()),
-        "folder final, manifest not yet": lambda r: appears(r / "build/sft/gguf"),
+        "folder final, plot data not yet": lambda r: appears(r / "build/sft/gguf"),
     }),
     "push@sft-gguf": ("push", ["published/sft/gguf"], {
         "a GGUF half copied": lambda r: lambda: any(

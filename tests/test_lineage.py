@@ -19,7 +19,7 @@ import pytest
 from stages.core.errors import InputError
 from stages.release.lineage import publish_lineage
 from tests.hub_server import card_metadata, load_hub_licenses, validate_card_metadata
-from tests.test_card_golden import INPUTS, MANIFEST, OUT, QUANT, RUN_DIR, lay_out, render
+from tests.test_card_golden import INPUTS, OUT, QUANT, RUN_DIR, lay_out, render
 
 DEMO = json.loads((INPUTS / "training_lineage.json").read_text())
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex digits, W&B's shape
@@ -146,7 +146,7 @@ def test_the_card_stage_turns_a_bad_lineage_into_one_error_line(
     with contextlib.chdir(tmp_path):
         code = card.main(["--trainer", "sft", "--quant-dir", str(QUANT),
                           "--eval-dir", "build/sft/work/eval", "--out", str(OUT),
-                          "--manifest", str(MANIFEST), "--plot-data", "build/sft/quality.json"])
+                          "--plot-data", "build/sft/quality.json"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1, err

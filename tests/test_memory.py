@@ -76,8 +76,7 @@ STAGES: dict[str, tuple[Callable[[Path, Path], list[str]], Callable[[Path], int]
                                            ctx=max(ctx(r), 512)))),  # the smoke turn: 512
     "card": (lambda r, t: ["stages.card", "--trainer", "sft", "--quant-dir",
                            "build/sft/work/quant", "--eval-dir", "build/sft/work/eval",
-                           "--out", str(t / "gguf"), "--manifest", str(t / "manifest.json"),
-                           "--plot-data", str(t / "quality.json")],
+                           "--out", str(t / "gguf"), "--plot-data", str(t / "quality.json")],
              lambda r: LIBRARIES),
 }
 

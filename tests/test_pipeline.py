@@ -41,13 +41,21 @@ def clone(built_repo: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_release_folder_is_complete_and_hashes_match(built_repo: Path, trainer: str) -> None:
     folder = built_repo / "build" / trainer / "gguf"
-    manifest = json.loads((built_repo / "build" / trainer / "manifest.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
     names = sorted(p.name for p in folder.iterdir())
     name = manifest["name"]
     assert names == sorted([f"{name}-{lv}.gguf" for lv in LEVELS]
                            + ["Modelfile", "README.md", "manifest.json", "quality.png"])
-    assert (folder / "manifest.json").read_text() == \
-        (built_repo / "build" / trainer / "manifest.json").read_text()
+    # the trainer's manifest (manifest@<t>): every released format's files, each saying
+    # its format, in push order
+    whole = json.loads((built_repo / "build" / trainer / "manifest.json").read_text())
+    assert whole["formats"] == list(RELEASES[trainer]) and whole["format"] is None
+    parts = [json.loads((built_repo / "build" / trainer / fmt / "manifest.json").read_text())
+             for fmt in RELEASES[trainer]]
+    assert whole["artifacts"] == [a for p in parts for a in p["artifacts"]]
+    assert {a["format"] for a in whole["artifacts"]} == set(RELEASES[trainer])
+    assert all(a["path"].startswith(f"{a['format']}/") for a in whole["artifacts"])
+    assert manifest["format"] == "gguf"
     listed = {e["path"]: e for e in manifest["artifacts"]}
     assert set(listed) == {f"gguf/{n}" for n in names if n != "manifest.json"}
     for path, entry in listed.items():

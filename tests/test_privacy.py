@@ -24,7 +24,7 @@ from stages.core.errors import InputError, ParamsError, ReleaseError
 from stages.core.hashing import sha256_file
 from stages.release import privacy
 from stages.release.privacy import Machine
-from tests.test_card_golden import EVAL, MANIFEST, OUT, QUANT, RUN_DIR, render, write_gguf
+from tests.test_card_golden import BUILD, EVAL, OUT, QUANT, RUN_DIR, render, write_gguf
 
 FAKE_HF = "hf_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3f"  # hf_ + 34 letters and digits
 FAKE_SK = "sk-proj-" + "Ab1Cd2Ef3Gh4Ij5Kl6Mn7Op8"
@@ -181,7 +181,7 @@ PLANTED = ("/home/alice", "alice", "dpo_output_4090", "uf.jsonl", FAKE_WANDB, FA
 
 def published_text(root: Path) -> dict[str, str]:
     """Every text file of the release and the GGUF metadata strings, by name."""
-    texts = {"build/sft/manifest.json": (root / MANIFEST).read_text()}
+    texts = {}
     for path in sorted((root / OUT).iterdir()):
         if path.suffix == ".gguf":
             texts[path.name] = "\n".join(f"{k}={v}" for k, v in privacy.gguf_strings(path))
@@ -196,7 +196,7 @@ def test_the_release_holds_no_planted_path_home_secret_or_unknown_key(
         render(tmp_path, plant(lineage=PLANTED_LINEAGE, params=PLANTED_PARAMS,
                                absolute_adapter=True))
     texts = published_text(tmp_path)
-    assert set(texts) >= {"README.md", "Modelfile", "manifest.json", "build/sft/manifest.json"}
+    assert set(texts) >= {"README.md", "Modelfile", "manifest.json"}
     for name, text in texts.items():
         for planted in (*PLANTED, str(tmp_path)):
             assert planted not in text, f"{name} holds {planted!r}"
@@ -231,7 +231,7 @@ def test_a_secret_in_a_published_key_stops_the_card_naming_the_key_and_file(
     assert f"`{key}` looks like a secret" in message and file in message and why in message
     assert not any(secret in message for secret in (FAKE_HF, FAKE_SK, FAKE_AWS))
     assert not (tmp_path / OUT).exists()
-    assert sorted(p.name for p in (tmp_path / MANIFEST.parent).iterdir()) == ["work"]
+    assert sorted(p.name for p in (tmp_path / BUILD).iterdir()) == ["work"]
 
 
 def test_a_local_path_in_a_published_param_is_refused(tmp_path: Path) -> None:
@@ -272,7 +272,7 @@ def test_the_final_scan_stops_the_release_before_its_folder_appears(tmp_path: Pa
     assert re.search(r"README\.md line \d+: the user or host name `matey`", message)
     assert "so it was not written" in message
     assert not (tmp_path / OUT).exists()
-    assert sorted(p.name for p in (tmp_path / MANIFEST.parent).iterdir()) == ["work"]
+    assert sorted(p.name for p in (tmp_path / BUILD).iterdir()) == ["work"]
 
 
 def test_gguf_metadata_is_scanned_too(tmp_path: Path) -> None:

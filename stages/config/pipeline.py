@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.config.params import Params, Trainer
+from stages.config.params import FORMATS, Params, Trainer
 from stages.core.errors import ParamsError
 
 PIPELINE_FILE = "pipeline.yaml"
@@ -47,11 +47,16 @@ STAGE_SETS: dict[str, Callable[[Trainer], bool]] = {
     "adapter": lambda t: "adapter" in t.release,
     # lora_check: the GGUF LoRA on the base GGUF against the merged GGUF's logits
     "lora_check": checks_lora,
+    # manifest: the trainer's manifest of all its formats (every trainer releases one)
+    "manifest": lambda t: bool(t.release),
 }
-# What adapter@<t> reads of lora_check@<t>.  A trainer whose GGUF LoRA is not checked
-# names its adapter folder instead, already a dependency (DVC's deps take no list
-# variable, and a duplicate dependency is harmless): the stage reads params to know.
+# What adapter@<t> reads of lora_check@<t>, and manifest@<t> of each format folder
+# (``released.<format>``).  Where a trainer has no such output (its GGUF LoRA is not
+# checked, it does not release that format) the item names its adapter folder instead,
+# already a dependency: DVC's deps take no list variable, and a duplicate dependency
+# is harmless.  The stages read params to know which it is.
 LORA_CHECK = "build/{key}/work/eval/lora.json"
+RELEASED = "build/{key}/{fmt}"
 # The push stages' set: one entry per trainer and format, ``<trainer>-<format>``.
 RELEASES = "releases"
 HEADER = """\
@@ -64,8 +69,10 @@ HEADER = """\
 def _item(params: Params, key: str) -> dict:
     trainer = params.trainer(key)
     check = LORA_CHECK.format(key=key) if checks_lora(trainer) else str(trainer.adapter)
+    released = {fmt: RELEASED.format(key=key, fmt=fmt) if fmt in trainer.release
+                else str(trainer.adapter) for fmt in FORMATS}
     return {"adapter": str(trainer.adapter), "base_model": {"path": str(trainer.base_model.path)},
-            "lora_check": check}
+            "lora_check": check, "released": released}
 
 
 def stage_sets(params: Params) -> dict[str, dict]:

@@ -72,7 +72,7 @@ PLOT = "quality.png"
 @dataclass(frozen=True)
 class CardResult:
     out: Path
-    manifest: Path
+    manifest: Path  # out/manifest.json
     artifacts: tuple[Artifact, ...]
 
 
@@ -230,8 +230,9 @@ def write_release(*, tmp: Path, trainer: Trainer, params: Params, records: list[
 
 
 def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_dir: Path,
-                   out: Path, manifest: Path, plot_data: Path) -> CardResult:
-    """Build ``out`` (the published GGUF folder), ``manifest`` and ``plot_data``."""
+                   out: Path, plot_data: Path) -> CardResult:
+    """Build ``out`` (the published GGUF folder, ``build/<trainer>/gguf``) and
+    ``plot_data``."""
     trainer = params.trainer(trainer_key)
     if FORMAT not in trainer.release:
         raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
@@ -241,17 +242,16 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
     lineage = publish_lineage(load_lineage(source), source=source)
     published = publish_params(params, trainer.key)
     quality = load_quality(eval_dir, records, trainer.key)
-    root = manifest.parent
+    root = out.parent
     with atomic.output_dir(out) as tmp:
         arts = write_release(tmp=tmp, trainer=trainer, params=params, records=records,
                              quant_dir=quant_dir, lineage=lineage, params_keys=published.keys,
                              quality=quality)
-        text, arts = seal_release(tmp=tmp, out=out, root=root, fmt=FORMAT, trainer=trainer,
-                                  params=params, arts=arts, lineage=lineage, published=published)
-    atomic.write_text(manifest, text)
+        _, arts = seal_release(tmp=tmp, out=out, root=root, fmt=FORMAT, trainer=trainer,
+                               params=params, arts=arts, lineage=lineage, published=published)
     atomic.write_text(plot_data, json.dumps(plot_points(quality), indent=2) + "\n")
-    log.info("wrote %s (%d files) and %s", out, len(arts), manifest)
-    return CardResult(out=out, manifest=manifest, artifacts=tuple(arts))
+    log.info("wrote %s (%d files)", out, len(arts))
+    return CardResult(out=out, manifest=out / "manifest.json", artifacts=tuple(arts))
 
 
 def seal_release(*, tmp: Path, out: Path, root: Path, fmt: str, trainer: Trainer,

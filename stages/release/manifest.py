@@ -1,6 +1,9 @@
 """The release manifest: every artifact with its size and hash (paths relative to
 ``build/<trainer>/``), the published lineage and params with the list of their
-keys, and the tool versions.
+keys, and the tool versions.  One per released format (``build/<trainer>/<format>/
+manifest.json``, published with it; ``format`` says which), and the trainer's
+(``build/<trainer>/manifest.json``, :func:`combine_manifests`): every format's
+artifacts, ``format`` null and ``formats`` listing them.
 
 Rendered from ``templates/manifest.json.j2`` (every value through ``tojson``),
 then parsed back and checked before it is written: every listed file must
@@ -72,8 +75,38 @@ def render_manifest(*, trainer: str, name: str, fmt: str, artifacts: list[Artifa
     what :mod:`stages.release.lineage` and :mod:`stages.release.privacy` publish of them,
     ``published_keys`` says which keys those are."""
     return render("manifest.json.j2", schema=SCHEMA, trainer=trainer, name=name, format=fmt,
-                           artifacts=[asdict(a) for a in artifacts], lineage=lineage,
-                           params=params, published_keys=published_keys, tools=tools)
+                  formats=None, artifacts=[asdict(a) for a in artifacts], lineage=lineage,
+                  params=params, published_keys=published_keys, tools=tools)
+
+
+# What every format's manifest of one trainer must agree on (they come from one run and
+# one params.yaml; a difference means one folder is stale).
+SHARED_KEYS: tuple[str, ...] = ("trainer", "name", "lineage", "params", "published_keys")
+
+
+def combine_manifests(*, build: Path, formats: list[str]) -> str:
+    """The trainer's manifest from the manifests of its released ``formats`` (each
+    checked against its files): every artifact, in push order.  Tool versions are the
+    first format's (each format's own manifest keeps its own)."""
+    parts = []
+    for fmt in formats:
+        path = build / fmt / "manifest.json"
+        if not path.is_file():
+            raise ReleaseError(f"{path} is missing; run `dvc repro` to build the {fmt} release")
+        parts.append(check_manifest(path.read_text(), build))
+    first = parts[0]
+    for fmt, data in zip(formats[1:], parts[1:], strict=True):
+        differ = [key for key in SHARED_KEYS if data[key] != first[key]]
+        if differ:
+            raise ReleaseError(f"{build / fmt / 'manifest.json'} and {formats[0]}'s differ in "
+                               f"{', '.join(differ)}: one folder is stale; run `dvc repro`")
+    artifacts = [{"shard": None, "shards": None, **a} for d in parts for a in d["artifacts"]]
+    text = render("manifest.json.j2", schema=SCHEMA, trainer=first["trainer"],
+                  name=first["name"], format=None, formats=formats, artifacts=artifacts,
+                  lineage=first["lineage"], params=first["params"],
+                  published_keys=first["published_keys"], tools=first["tools"])
+    check_manifest(text, build)
+    return text
 
 
 def check_manifest(text: str, root: Path) -> dict:
