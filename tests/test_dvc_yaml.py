@@ -147,3 +147,16 @@ def test_every_trainer_loop_reads_a_stage_set_of_pipeline_yaml() -> None:
     for name, loop in loops:
         if loop is not None and name not in ("train",):
             assert loop in sets, f"stage {name} loops over {loop}, not a set of pipeline.yaml"
+
+
+@pytest.mark.parametrize(("stage", "fmt"), [("card", "gguf"), ("adapter", "adapter")])
+def test_what_a_release_publishes_of_params_is_among_its_stage_params(stage: str,
+                                                                      fmt: str) -> None:
+    """A published params key that its stage does not declare would go stale in the card
+    and manifest: DVC would not rebuild the folder when it changes."""
+    from stages.release.privacy import PUBLISHED_PARAMS
+
+    declared = [p.replace("${key}", "{trainer}") for p in DVC["stages"][stage]["do"]["params"]]
+    for key in PUBLISHED_PARAMS[fmt]:
+        assert any(key == d or key.startswith(f"{d}.") for d in declared), \
+            f"{stage}@ publishes `{key}` but does not list it in its DVC params"

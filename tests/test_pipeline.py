@@ -21,10 +21,13 @@ LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
 
 
 def stages_of(trainer: str, levels: tuple[str, ...] = LEVELS) -> set[str]:
-    """Every release stage of one demo trainer (the adapter's when it releases one)."""
-    adapter = {f"adapter@{trainer}"} if "adapter" in RELEASES[trainer] else set()
+    """Every release stage of one demo trainer (the adapter's and the check of its GGUF
+    LoRA when it releases one)."""
+    adapter = ({f"adapter@{trainer}", f"lora_check@{trainer}"}
+               if "adapter" in RELEASES[trainer] else set())
     return ({f"merge@{trainer}", f"convert@{trainer}", f"convert_base@{trainer}",
-             f"logits@{trainer}", f"reference@{trainer}", f"card@{trainer}"}
+             f"logits@{trainer}", f"reference@{trainer}", f"card@{trainer}",
+             f"manifest@{trainer}"}
             | adapter | pushes(trainer)
             | {f"{stage}@{trainer}-{level}" for level in levels
                for stage in ("quantize", "evaluate")})
@@ -117,7 +120,8 @@ def test_changing_one_level_reruns_only_that_level(clone: Path) -> None:
     ran = repro(clone)
     assert ran == ({f"quantize@{t}-Q5_K_M" for t in TRAINERS}
                    | {f"evaluate@{t}-Q5_K_M" for t in TRAINERS}
-                   | {f"card@{t}" for t in TRAINERS} | {f"push@{t}-gguf" for t in TRAINERS})
+                   | {f"card@{t}" for t in TRAINERS} | {f"push@{t}-gguf" for t in TRAINERS}
+                   | {f"manifest@{t}" for t in TRAINERS})
     # Only what changed is published again: the new Q5_K_M file, the card
     # listing it and the quality plot showing its new KLD; the Modelfile (it
     # points at Q4_K_M) and the other levels stay.
@@ -135,7 +139,7 @@ def test_adding_a_trainer_runs_only_its_stages(clone: Path) -> None:
     entry["name"] = "SmolLM2-135M-Instruct-pirate-second"
     entry["release"] = {"adapter": {"target": {"kind": "local", "path": "published/second/a"}}}
     set_param(clone, "trainers.second", entry)
-    assert repro(clone) == {"adapter@second", "push@second-adapter"}
+    assert repro(clone) == {"adapter@second", "push@second-adapter", "manifest@second"}
     published = clone / "published/second/a"
     assert (published / "adapter_model.safetensors").read_bytes() == \
         (clone / entry["adapter"] / "adapter_model.safetensors").read_bytes()
@@ -149,8 +153,10 @@ def test_make_push_pushes_only_that_trainer(clone: Path) -> None:
     before = (clone / "build/kto/push-gguf.json").read_text()
     res = run(["make", "push", "TRAINER=sft"], cwd=clone)
     ran = set(__import__("re").findall(r"Running stage '([^']+)'", res.stdout + res.stderr))
-    # tags are GGUF metadata of the merged model, not of the base
-    assert ran == stages_of("sft") - {"merge@sft", "convert_base@sft"}
+    # tags are GGUF metadata of the merged model, not of the base; the trainer's manifest
+    # is no input of a push (dvc repro writes it)
+    assert ran == stages_of("sft") - {"merge@sft", "convert_base@sft", "manifest@sft",
+                                      "lora_check@sft"}
     assert (clone / "build/kto/push-gguf.json").read_text() == before
     card = (clone / "published/sft/gguf/README.md").read_text()
     assert "- changed" in card

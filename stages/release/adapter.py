@@ -178,7 +178,7 @@ def render_adapter_release(*, params: Params, trainer_key: str, base: Path, out:
     release = trainer.release[FORMAT]
     source = trainer.run_dir / LINEAGE_FILE
     lineage = publish_lineage(load_lineage(source), source=source)
-    published = publish_params(params, trainer.key)
+    published = publish_params(params, trainer.key, FORMAT)
     lora = load_adapter(trainer.adapter)
     if release.gguf_lora:
         check_gguf_lora(lora, trainer.key)  # before any work: the reason and what to do

@@ -240,7 +240,7 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
     check_hub_limit(trainer, records)
     source = trainer.run_dir / LINEAGE_FILE
     lineage = publish_lineage(load_lineage(source), source=source)
-    published = publish_params(params, trainer.key)
+    published = publish_params(params, trainer.key, FORMAT)
     quality = load_quality(eval_dir, records, trainer.key)
     root = out.parent
     with atomic.output_dir(out) as tmp:

@@ -79,15 +79,33 @@ def render_manifest(*, trainer: str, name: str, fmt: str, artifacts: list[Artifa
                   params=params, published_keys=published_keys, tools=tools)
 
 
-# What every format's manifest of one trainer must agree on (they come from one run and
-# one params.yaml; a difference means one folder is stale).
-SHARED_KEYS: tuple[str, ...] = ("trainer", "name", "lineage", "params", "published_keys")
+# What every format's manifest of one trainer must agree on (they come from one run; a
+# difference means one folder is stale).  Each publishes its own params keys: the
+# trainer's manifest holds all of them.
+SHARED_KEYS: tuple[str, ...] = ("trainer", "name", "lineage")
+
+
+def merge_trees(trees: list[dict]) -> dict:
+    """The union of nested mappings (the params each format publishes, all from one
+    params.yaml); a key two of them give different values fails."""
+    merged: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merge_trees([merged[key], value])
+            elif key in merged and merged[key] != value:
+                raise ReleaseError(f"the formats' manifests publish different values of "
+                                   f"`{key}`: one folder is stale; run `dvc repro`")
+            else:
+                merged[key] = value
+    return merged
 
 
 def combine_manifests(*, build: Path, formats: list[str]) -> str:
     """The trainer's manifest from the manifests of its released ``formats`` (each
-    checked against its files): every artifact, in push order.  Tool versions are the
-    first format's (each format's own manifest keeps its own)."""
+    checked against its files): every artifact, in push order, and every params key one
+    of them publishes.  Tool versions are the first format's (each format's own
+    manifest keeps its own)."""
     parts = []
     for fmt in formats:
         path = build / fmt / "manifest.json"
@@ -103,8 +121,12 @@ def combine_manifests(*, build: Path, formats: list[str]) -> str:
     artifacts = [{"shard": None, "shards": None, **a} for d in parts for a in d["artifacts"]]
     text = render("manifest.json.j2", schema=SCHEMA, trainer=first["trainer"],
                   name=first["name"], format=None, formats=formats, artifacts=artifacts,
-                  lineage=first["lineage"], params=first["params"],
-                  published_keys=first["published_keys"], tools=first["tools"])
+                  lineage=first["lineage"], params=merge_trees([d["params"] for d in parts]),
+                  published_keys={
+                      "params": list(dict.fromkeys(k for d in parts
+                                                   for k in d["published_keys"]["params"])),
+                      "lineage": first["published_keys"]["lineage"]},
+                  tools=first["tools"])
     check_manifest(text, build)
     return text
 

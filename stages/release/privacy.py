@@ -47,27 +47,43 @@ log = logging.getLogger(__name__)
 
 # --- 1. what params.yaml publishes -----------------------------------------------------
 
-# Dotted keys of params.yaml that the manifest publishes (`{trainer}`: the trainer being
-# released) and the card names.  A key names one value or a section whose keys the schema
-# fixes (stages/config refuses unknown keys), so nothing unknown rides along.  Not here:
-# adapter, output_root, base_model.path (this machine's folders), release targets (where
-# we publish is not part of what we publish), other trainers, demo.
-PUBLISHED_PARAMS: tuple[str, ...] = (
+# Dotted keys of params.yaml that a format's manifest publishes (`{trainer}`: the trainer
+# being released) and its card names: what made that format's files.  A key names one
+# value or a section whose keys the schema fixes (stages/config refuses unknown keys), so
+# nothing unknown rides along.  Not here: adapter, output_root, base_model.path (this
+# machine's folders), release targets (where we publish is not part of what we publish),
+# other trainers, demo.  The stage writing a format lists these as its DVC params
+# (tests/test_dvc_yaml.py checks), so a change to one rebuilds what publishes it.
+TRAINER_PARAMS: tuple[str, ...] = (
     "trainers.{trainer}.name",  # names the published files
     "trainers.{trainer}.base_model.id",  # the Hub id, also in the card and GGUF metadata
     "trainers.{trainer}.license",
     "trainers.{trainer}.license_name",
     "trainers.{trainer}.license_link",
     "trainers.{trainer}.tags",
-    "trainers.{trainer}.chat_template",  # overrides applied before conversion
-    "trainers.{trainer}.eos_token",
-    "trainers.{trainer}.release.gguf.ollama_level",
-    "trainers.{trainer}.release.gguf.split_max_size",
-    "quantize.levels",  # every level and its options
-    "convert.outtype",
-    "evaluate",  # every fidelity setting and threshold the card reports
-    "llama_cpp.version",
 )
+PUBLISHED_PARAMS: dict[str, tuple[str, ...]] = {
+    "adapter": (
+        *TRAINER_PARAMS,
+        "trainers.{trainer}.release.adapter.gguf_lora",
+        "evaluate.text",  # the GGUF LoRA check's text, chunks and threshold
+        "evaluate.ctx",
+        "evaluate.lora",
+        "convert.outtype",  # the base GGUF the check applies the LoRA to
+        "llama_cpp.version",
+    ),
+    "gguf": (
+        *TRAINER_PARAMS,
+        "trainers.{trainer}.chat_template",  # overrides applied before conversion
+        "trainers.{trainer}.eos_token",
+        "trainers.{trainer}.release.gguf.ollama_level",
+        "trainers.{trainer}.release.gguf.split_max_size",
+        "quantize.levels",  # every level and its options
+        "convert.outtype",
+        "evaluate",  # every fidelity setting and threshold the card reports
+        "llama_cpp.version",
+    ),
+}
 # Published settings that are paths (of the evaluation data): see public_path.
 PATH_PARAMS: tuple[str, ...] = ("evaluate.text", "evaluate.adapter.prompts")
 
@@ -77,7 +93,7 @@ class PublishedParams:
     """The part of params.yaml a release publishes, nested as in the file."""
 
     data: dict[str, Any]
-    keys: tuple[str, ...]  # the PUBLISHED_PARAMS present, in that order
+    keys: tuple[str, ...]  # the format's PUBLISHED_PARAMS present, in that order
 
 
 # --- 2. secrets -------------------------------------------------------------------------
@@ -216,13 +232,14 @@ def _insert(tree: dict, dotted: str, value: Any) -> None:
     tree[last] = value
 
 
-def publish_params(params: Params, trainer_key: str) -> PublishedParams:
-    """The PUBLISHED_PARAMS of ``trainer_key``, checked: a secret or a local path in one
-    is a :class:`ParamsError` naming the key; a secret in another key is a warning."""
+def publish_params(params: Params, trainer_key: str, fmt: str) -> PublishedParams:
+    """The PUBLISHED_PARAMS of format ``fmt`` of ``trainer_key``, checked: a secret or a
+    local path in one is a :class:`ParamsError` naming the key; a secret in another key
+    is a warning."""
     raw = params.raw
     data: dict[str, Any] = {}
     keys = []
-    for pattern in PUBLISHED_PARAMS:
+    for pattern in PUBLISHED_PARAMS[fmt]:
         key = pattern.format(trainer=trainer_key)
         found, value = _lookup(raw, key)
         if found and value is not None:
