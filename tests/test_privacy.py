@@ -293,6 +293,26 @@ def test_gguf_metadata_is_scanned_too(tmp_path: Path) -> None:
     assert not (tmp_path / OUT).exists()
 
 
+
+def test_safetensors_headers_are_scanned_too(tmp_path: Path) -> None:
+    """A trainer may write anything in a safetensors header's ``__metadata__`` (the adapter
+    format publishes the run's adapter_model.safetensors as it is)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)}
+    save_file(tensors, tmp_path / "adapter_model.safetensors",
+              metadata={"format": "pt", "source": "/home/alice/runs/dpo/checkpoint-40"})
+    found = privacy.scan_release(tmp_path, Machine(paths=(), names=()))
+    assert found == ["adapter_model.safetensors: __metadata__.source: the absolute path "
+                     "`/home/alice`"], found
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert privacy.scan_release(tmp_path, Machine(paths=(), names=())) == []
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ReleaseError, match="not a safetensors file"):
+        privacy.scan_release(tmp_path, Machine(paths=(), names=()))
+
+
 # --- the demo's real releases (full suite) -------------------------------------------------
 
 

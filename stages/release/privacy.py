@@ -350,9 +350,15 @@ def safetensors_strings(path: Path) -> Iterator[tuple[str, str]]:
     chose to write there) and its tensor names."""
     with path.open("rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        if size <= 0 or size > SAFETENSORS_HEADER_MAX:
-            raise ReleaseError(f"{path.name} is not a safetensors file (header of {size} bytes)")
-        header = json.loads(fh.read(size))
+        try:
+            if not 0 < size <= SAFETENSORS_HEADER_MAX:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(fh.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("its header is no JSON object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError too
+            raise ReleaseError(f"{path.name} is not a safetensors file ({exc}); the release "
+                               "cannot be checked for what it would publish") from None
     for key, value in (header.pop("__metadata__", None) or {}).items():
         yield f"__metadata__.{key}", f"{key}: {value}"
     for name in header:
