@@ -14,9 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 RAN = re.compile(r"Running stage '([^']+)'")
 # What the demo's params.yaml releases, per trainer, in push order.
-RELEASES: dict[str, tuple[str, ...]] = {"sft": ("adapter", "gguf"), "kto": ("gguf",)}
+RELEASES: dict[str, tuple[str, ...]] = {"sft": ("adapter", "merged", "gguf"), "kto": ("gguf",)}
 # The stage that writes each format's folder build/<trainer>/<format>/.
-FOLDER_STAGE: dict[str, str] = {"adapter": "adapter", "gguf": "card"}
+FOLDER_STAGE: dict[str, str] = {"adapter": "adapter", "merged": "merged", "gguf": "card"}
 
 
 def pushes(trainer: str) -> set[str]:

@@ -137,6 +137,31 @@ def test_pipeline_yaml_is_current_and_a_stale_one_stops_every_stage(tmp_path: Pa
     assert "dpo" in load_params(tmp_path / "params.yaml").trainers
 
 
+@pytest.mark.parametrize(("formats", "sets"), [
+    (["adapter"], {"adapter", "manifest"}),
+    (["merged"], {"merge", "merged", "manifest"}),
+    (["adapter", "merged"], {"adapter", "merge", "merged", "manifest"}),
+    (["gguf"], {"merge", "gguf", "manifest"}),
+    (["adapter", "gguf"], {"adapter", "merge", "gguf", "lora_check", "manifest"}),
+])
+def test_a_trainer_is_in_the_stage_sets_its_formats_need(formats: list[str],
+                                                        sets: set[str]) -> None:
+    """Only what the formats need: no convert, quantize or evaluate (set ``gguf``) without
+    a GGUF, no merge for the adapter alone; one push per format, in push order."""
+    from stages.config.params import parse_params
+    from stages.config.pipeline import ROOT_KEY, stage_sets
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    sft = data["trainers"]["sft"]
+    target = {"kind": "local", "path": "published/x"}
+    data["trainers"] = {"x": {**sft, "release": {fmt: {"target": target} for fmt in formats}}}
+    built = stage_sets(parse_params(data))[ROOT_KEY]
+    assert {name for name, items in built.items()
+            if isinstance(items, dict) and "x" in items and name != "releases"} == sets
+    order = [f for f in ("adapter", "merged", "gguf") if f in formats]
+    assert list(built["releases"]) == [f"x-{f}" for f in order]
+
+
 def test_every_trainer_loop_reads_a_stage_set_of_pipeline_yaml() -> None:
     from stages.config.pipeline import RELEASES, STAGE_SETS
 
@@ -149,7 +174,8 @@ def test_every_trainer_loop_reads_a_stage_set_of_pipeline_yaml() -> None:
             assert loop in sets, f"stage {name} loops over {loop}, not a set of pipeline.yaml"
 
 
-@pytest.mark.parametrize(("stage", "fmt"), [("card", "gguf"), ("adapter", "adapter")])
+@pytest.mark.parametrize(("stage", "fmt"), [("card", "gguf"), ("adapter", "adapter"),
+                                           ("merged", "merged")])
 def test_what_a_release_publishes_of_params_is_among_its_stage_params(stage: str,
                                                                       fmt: str) -> None:
     """A published params key that its stage does not declare would go stale in the card

@@ -78,6 +78,12 @@ STAGES: dict[str, tuple[Callable[[Path, Path], list[str]], Callable[[Path], int]
                            "build/sft/work/quant", "--eval-dir", "build/sft/work/eval",
                            "--out", str(t / "gguf"), "--plot-data", str(t / "quality.json")],
              lambda r: LIBRARIES),
+    # the adapter check's row chunks and a 16 MB cast chunk: the libraries' bound (a whole
+    # 135M model in memory, 270 MB more, goes over it)
+    "merged": (lambda r, t: ["stages.merged", "--trainer", "sft", "--merged",
+                             "build/sft/work/merged", "--base", "inputs/base/SmolLM2-135M-Instruct",
+                             "--out", str(t / "merged")],
+               lambda r: LIBRARIES),
 }
 
 

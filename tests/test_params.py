@@ -74,7 +74,7 @@ TARGET = "trainers.sft.release.gguf.target"
     ("trainers.sft.release", {}, "`trainers.sft.release` is empty; add e.g. `gguf:`"),
     ("trainers.sft.release.onnx", {"target": {"kind": "local", "path": "x"}},
      "`trainers.sft.release.onnx` is not a format this pipeline publishes; supported: "
-     "adapter, gguf"),
+     "adapter, merged, merged_4bit, gguf"),
     (TARGET, {"kind": "s3"}, f"`{TARGET}.kind` must be 'local' or 'hub' (got 's3')"),
     (TARGET, {"kind": "hub"}, f"`{TARGET}.repo_id` is missing; a hub target needs"),
     (TARGET, {"kind": "hub", "repo_id": "name"}, f"`{TARGET}.repo_id` must be a Hub repo id"),

@@ -22,9 +22,10 @@ LEVELS = ("Q4_K_M", "Q5_K_M", "Q8_0")
 
 def stages_of(trainer: str, levels: tuple[str, ...] = LEVELS) -> set[str]:
     """Every release stage of one demo trainer (the adapter's and the check of its GGUF
-    LoRA when it releases one)."""
+    LoRA when it releases one, the merged folder's when it releases that)."""
     adapter = ({f"adapter@{trainer}", f"lora_check@{trainer}"}
                if "adapter" in RELEASES[trainer] else set())
+    adapter |= {f"merged@{trainer}"} if "merged" in RELEASES[trainer] else set()
     return ({f"merge@{trainer}", f"convert@{trainer}", f"convert_base@{trainer}",
              f"logits@{trainer}", f"reference@{trainer}", f"card@{trainer}",
              f"manifest@{trainer}"}
@@ -90,7 +91,7 @@ def test_second_repro_runs_nothing(built_repo: Path) -> None:
 
 
 def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) -> None:
-    """stages/fidelity is a dep of logits@, reference@, evaluate@ and lora_check@ only: DVC
+    """stages/fidelity is a dep of logits@, reference@, evaluate@, lora_check@ and merged@ only: DVC
     would rerun those, and no merge, convert or quantize (a reorganised dep list must keep expensive
     stages cached)."""
     library = built_repo / "stages/fidelity/hf_checks.py"
@@ -103,7 +104,9 @@ def test_editing_the_fidelity_library_changes_only_the_checks(built_repo: Path) 
         library.write_text(text)
     checks = ({f"{stage}@{t}" for t in TRAINERS for stage in ("logits", "reference")}
               | {f"evaluate@{t}-{lv}" for t in TRAINERS for lv in LEVELS}
-              | {f"lora_check@{t}" for t in TRAINERS if "adapter" in RELEASES[t]})
+              | {f"lora_check@{t}" for t in TRAINERS if "adapter" in RELEASES[t]}
+              # the merged release checks the merge itself (stages/fidelity/adapter_check.py)
+              | {f"merged@{t}" for t in TRAINERS if "merged" in RELEASES[t]})
     assert set(after) == set(before) | checks, json.dumps(after, indent=1)
     for stage in checks:
         assert {"changed deps": {"stages/fidelity": "modified"}} in after[stage], after[stage]

@@ -1,7 +1,7 @@
 """``make push TRAINER=sft`` to the Hub, as a user runs it: the Makefile, DVC, the real client.
 
 One copy of the built demo repo (conftest ``built_repo``, sharing its DVC
-cache) has the sft release's two formats pointed at two repos of a local Hub
+cache) has the sft release's three formats pointed at three repos of a local Hub
 (tests/hub_server.py) in params.yaml, and is pushed once for the module: the
 GGUF alone (``FORMAT=gguf``), then everything; the tests then run the
 Makefile's other ways of pushing against that state, each leaving it up to
@@ -35,6 +35,9 @@ REPO_ID = "alice/pirate-sft-GGUF"
 TARGET = {"kind": "hub", "repo_id": REPO_ID, "private": True}
 ADAPTER_REPO = "alice/pirate-sft-LoRA"
 ADAPTER_TARGET = {"kind": "hub", "repo_id": ADAPTER_REPO, "private": True}
+MERGED_REPO = "alice/pirate-sft"
+MERGED_TARGET = {"kind": "hub", "repo_id": MERGED_REPO, "private": True}
+OTHER_REPOS = {"adapter": ADAPTER_REPO, "merged": MERGED_REPO}
 REGULAR = ("Modelfile", "README.md", "manifest.json")  # sent inside the commit, not by LFS
 
 
@@ -46,7 +49,7 @@ class Published:
     hub: HubServer
     home: Path  # HF_HOME
     first: subprocess.CompletedProcess | None = None  # the module's first `make push` (gguf)
-    second: subprocess.CompletedProcess | None = None  # then a plain one: the adapter too
+    second: subprocess.CompletedProcess | None = None  # then a plain one: the other formats
     first_lfs: int = 0  # LFS bytes the server received from the first push
     outputs: list[str] = field(default_factory=list)
 
@@ -107,6 +110,7 @@ def published(built_repo: Path, module_tmp
         (tmp / "hf_home").mkdir()
         set_param(repo, "trainers.sft.release.gguf.target", TARGET)
         set_param(repo, "trainers.sft.release.adapter.target", ADAPTER_TARGET)
+        set_param(repo, "trainers.sft.release.merged.target", MERGED_TARGET)
         state = Published(repo, hub, tmp / "hf_home")
         state.first = state.make_push("FORMAT=gguf")
         state.first_lfs = hub.lfs_bytes_received
@@ -143,27 +147,40 @@ def test_make_push_publishes_the_release_to_the_hub(published: Published) -> Non
         "kind"] == "local"
 
 
-def test_a_plain_push_after_format_gguf_pushes_the_adapter_to_its_own_repo(
+def test_a_plain_push_after_format_gguf_pushes_the_other_formats_to_their_own_repos(
         published: Published) -> None:
-    """The second ``make push`` builds and pushes what FORMAT=gguf left: the adapter,
-    in its repo, exactly its manifest's files; the GGUF repo is not touched again."""
+    """The second ``make push`` builds and pushes what FORMAT=gguf left: the adapter and
+    the merged weights, each in its repo, exactly its manifest's files; the GGUF repo is
+    not touched again.  The three cards link each other, with the Hub's lineage: the
+    adapter an adapter of the base, the merged repo a fine-tune of it, the GGUF repo a
+    quantization of the merged repo."""
     hub, second = published.hub, published.second
     assert second is not None
-    assert stages_ran(second) == {"adapter@sft", "push@sft-adapter"}
-    assert hub.commits_made[REPO_ID] == 1 and hub.commits_made[ADAPTER_REPO] == 1
-    listed = {e["path"].removeprefix("adapter/"): e["sha256"]
-              for e in published.manifest("adapter")["artifacts"]}
-    assert set(hub.files(ADAPTER_REPO)) == set(listed) | {"manifest.json", ".gitattributes"}
-    assert {name: hub.file_sha256(ADAPTER_REPO, name) for name in listed} == listed
-    assert "training_args.bin" not in listed and "adapter_model.safetensors" in listed
-    assert published.receipt("adapter")["commit"] == hub.commits(ADAPTER_REPO)[0].oid
-    # each card links the other repo
-    gguf_card = hub.files(REPO_ID)["README.md"].decode()
-    adapter_card = hub.files(ADAPTER_REPO)["README.md"].decode()
-    assert f"(https://huggingface.co/{ADAPTER_REPO})" in gguf_card
-    assert f"(https://huggingface.co/{REPO_ID})" in adapter_card
-    assert "base_model_relation: adapter" in adapter_card
-    assert f'PeftModel.from_pretrained(base, "{ADAPTER_REPO}")' in adapter_card
+    assert stages_ran(second) == {"adapter@sft", "merged@sft", "push@sft-adapter",
+                                  "push@sft-merged"}
+    assert hub.commits_made[REPO_ID] == 1
+    for fmt, repo in OTHER_REPOS.items():
+        assert hub.commits_made[repo] == 1 and hub.is_private(repo)
+        listed = {e["path"].removeprefix(f"{fmt}/"): e["sha256"]
+                  for e in published.manifest(fmt)["artifacts"]}
+        assert set(hub.files(repo)) == set(listed) | {"manifest.json", ".gitattributes"}
+        assert {name: hub.file_sha256(repo, name) for name in listed} == listed
+        assert published.receipt(fmt)["commit"] == hub.commits(repo)[0].oid
+    adapter_files = hub.files(ADAPTER_REPO)
+    assert "training_args.bin" not in adapter_files and "adapter_model.safetensors" in \
+        adapter_files
+    assert "model-00001-of-00001.safetensors" in hub.files(MERGED_REPO)
+    cards = {repo: hub.files(repo)["README.md"].decode()
+             for repo in (REPO_ID, ADAPTER_REPO, MERGED_REPO)}
+    for repo, card in cards.items():  # each card links the two other repos
+        assert {r for r in cards if f"(https://huggingface.co/{r})" in card} == \
+            set(cards) - {repo}, repo
+    assert "base_model_relation: adapter" in cards[ADAPTER_REPO]
+    assert f'PeftModel.from_pretrained(base, "{ADAPTER_REPO}")' in cards[ADAPTER_REPO]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: finetune" \
+        in cards[MERGED_REPO]
+    assert f'AutoModelForCausalLM.from_pretrained("{MERGED_REPO}"' in cards[MERGED_REPO]
+    assert f"base_model: {MERGED_REPO}\nbase_model_relation: quantized" in cards[REPO_ID]
 
 
 def test_make_push_force_reruns_only_push_and_sends_nothing(published: Published) -> None:
@@ -172,12 +189,13 @@ def test_make_push_force_reruns_only_push_and_sends_nothing(published: Published
         "lfs_put"]
     before = published.receipt()
     res = published.make_push("FORCE=1")
-    for fmt in ("adapter", "gguf"):
+    for fmt in ("adapter", "merged", "gguf"):
         assert f"FORCE=1: push@sft-{fmt} was up to date; re-planning against the target" \
             in res.stdout
-    assert stages_ran(res) == {"push@sft-adapter", "push@sft-gguf"}
-    assert published.receipt("adapter")["bytes_uploaded"] == 0
-    assert hub.commits_made[ADAPTER_REPO] == 1
+    assert stages_ran(res) == {"push@sft-adapter", "push@sft-merged", "push@sft-gguf"}
+    for fmt, repo in OTHER_REPOS.items():
+        assert published.receipt(fmt)["bytes_uploaded"] == 0
+        assert hub.commits_made[repo] == 1
     pushed = published.receipt()
     assert pushed["bytes_uploaded"] == 0 and pushed["uploaded"] == pushed["deleted"] == []
     assert set(pushed["skipped"]) == set(before["uploaded"]) | set(before["skipped"])
@@ -243,20 +261,20 @@ def makefile_exports(repo: Path) -> dict[str, str]:
 
 
 def test_stages_other_than_push_make_no_http_request(published: Published) -> None:
-    """convert (huggingface_hub and transformers' tokenizer code) and card (Hub metadata
-    rules), forced to run with HF_ENDPOINT at a fresh server and the Makefile's environment
-    (HF_HUB_OFFLINE=1): the server sees no request at all."""
+    """convert (huggingface_hub and transformers' tokenizer code), card (Hub metadata
+    rules), adapter and merged (peft), forced to run with HF_ENDPOINT at a fresh server
+    and the Makefile's environment (HF_HUB_OFFLINE=1): the server sees no request at all."""
     exports = makefile_exports(published.repo)
     assert exports["HF_HUB_OFFLINE"] == "1"
     with HubServer() as silent:
         silent.add_token(TOKEN, user="alice", role="write")
         env = published.env(HF_ENDPOINT=silent.endpoint, **exports)
         res = published.run(".venv/bin/dvc", "repro", "--force", "--single-item", "convert@sft",
-                            "card@sft", "adapter@sft", env=env)
-        assert stages_ran(res) == {"convert@sft", "card@sft", "adapter@sft"}
+                            "card@sft", "adapter@sft", "merged@sft", env=env)
+        assert stages_ran(res) == {"convert@sft", "card@sft", "adapter@sft", "merged@sft"}
         assert silent.log == [] and sum(silent.requests.values()) == 0
     status = run([str(published.repo / ".venv/bin/dvc"), "status", "--json", "push@sft-gguf",
-                  "push@sft-adapter"], cwd=published.repo).stdout
+                  "push@sft-adapter", "push@sft-merged"], cwd=published.repo).stdout
     assert json.loads(status.strip() or "{}") == {}, "forced stages must rebuild the same bytes"
 
 
@@ -278,5 +296,6 @@ def test_the_token_is_in_no_file_of_the_clone_and_no_output(published: Published
     assert not holding, f"the token is written in {holding}"
     for must in ("dvc.lock", ".dvc/config", ".dvc/config.local", "build/sft/push-gguf.json",
                  "build/sft/push-adapter.json", "build/sft/adapter/README.md",
+                 "build/sft/push-merged.json", "build/sft/merged/README.md",
                  "build/sft/gguf/README.md", "params.yaml"):
         assert published.repo / must in scanned, must

@@ -59,12 +59,16 @@ TensorType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1
                      "q4_0", "q4_1", "q3_k", "q2_k"]
 TENSOR_TYPES: frozenset[str] = frozenset(get_args(TensorType))
 ConvertOuttype = Literal["bf16", "f16"]
+# The merged format's 16-bit dtype.
+MergedDtype = Literal["bf16", "f16"]
 CONVERT_OUTTYPES: tuple[str, ...] = get_args(ConvertOuttype)
 # Release formats, in the order they are pushed (the GGUF card links the others).
-FORMATS: tuple[str, ...] = ("adapter", "gguf")
+FORMATS: tuple[str, ...] = ("adapter", "merged", "merged_4bit", "gguf")
 # The options of release.<format> beside `target`, by format.
 FORMAT_OPTIONS: dict[str, frozenset[str]] = {
     "adapter": frozenset({"gguf_lora"}),
+    "merged": frozenset({"dtype"}),
+    "merged_4bit": frozenset(),
     "gguf": frozenset({"ollama_level", "split_max_size"}),
 }
 TargetKind = Literal["local", "hub"]
@@ -96,6 +100,21 @@ def _format(name: str) -> str:
     if name not in FORMATS:
         raise problem(f"is not a format this pipeline publishes; supported: {', '.join(FORMATS)}")
     return name
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot quantize on this machine's CPU (None: it can).  Checked
+    without importing it (that imports torch): the package and its CPU library."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.submodule_search_locations:
+        return "bitsandbytes is not installed in this environment (`make venv` installs it)"
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not any(folder.glob("libbitsandbytes_cpu.*")):
+        return (f"this bitsandbytes has no CPU library (libbitsandbytes_cpu) in {folder.name}/, "
+                "so it cannot quantize without a GPU")
+    return None
 
 
 def _some(hint: str) -> AfterValidator:
@@ -152,13 +171,16 @@ class FormatRelease(Keyed):
     target: Target
     # adapter: also publish the adapter as a GGUF LoRA (llama.cpp's --lora)
     gguf_lora: Flag = True
+    # merged: the published weights' dtype (a float tensor of another dtype is cast)
+    dtype: MergedDtype = "bf16"
     ollama_level: Text | None = None  # the level `ollama run` gets; checked against the levels
     # A GGUF bigger than this is published in shards (llama-gguf-split); never Ollama's level.
     split_max_size: Annotated[Text, pattern(
         SPLIT_SIZE, "must be a size as llama-gguf-split takes it: a whole number and M or G "
         f"(1000-based), e.g. `{DEFAULT_SPLIT_MAX_SIZE}`")] = DEFAULT_SPLIT_MAX_SIZE
 
-    format = own_key("The key under ``release:`` (``adapter``, ``gguf``).")
+    format = own_key("The key under ``release:`` (``adapter``, ``merged``, ``merged_4bit``, "
+                     "``gguf``).")
 
     @property
     def split_max_bytes(self) -> int:
@@ -229,6 +251,16 @@ class Trainer(Keyed):
                 raise problem(f"does not apply to the {fmt} format (its options: {allowed})",
                               at=f"release.{fmt}.{foreign[0]}",
                               got=getattr(release, foreign[0]))
+        return self
+
+    @model_validator(mode="after")
+    def _4bit_possible(self) -> Trainer:
+        if "merged_4bit" in self.release:
+            why = bitsandbytes_problem()
+            if why:
+                raise problem(f"cannot be built here: {why}. Publish 4-bit weights as GGUF "
+                              "instead (`gguf:` with the Q4_K_M level), or the `adapter`",
+                              at="release.merged_4bit", got=NOTHING)
         return self
 
     def releases(self, fmt: str | None = None) -> list[str]:

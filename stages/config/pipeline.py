@@ -40,11 +40,15 @@ def checks_lora(trainer: Trainer) -> bool:
 # Stage set -> which trainers need it.
 STAGE_SETS: dict[str, Callable[[Trainer], bool]] = {
     # merge: the merged model every format but the adapter is made from
-    "merge": lambda t: "gguf" in t.release,
+    "merge": lambda t: bool({"merged", "merged_4bit", "gguf"} & set(t.release)),
     # convert, convert_base, logits, reference, quantize, evaluate, card
     "gguf": lambda t: "gguf" in t.release,
     # adapter: the run's adapter folder and its GGUF LoRA
     "adapter": lambda t: "adapter" in t.release,
+    # merged: the merged weights as published (transformers' from_pretrained)
+    "merged": lambda t: "merged" in t.release,
+    # merged_4bit: the merged weights quantized to bitsandbytes NF4
+    "merged_4bit": lambda t: "merged_4bit" in t.release,
     # lora_check: the GGUF LoRA on the base GGUF against the merged GGUF's logits
     "lora_check": checks_lora,
     # manifest: the trainer's manifest of all its formats (every trainer releases one)

@@ -31,11 +31,15 @@ RELATIONS: dict[str, str] = {
     # The merged fine-tune, quantized.  `quantized` is "a quantized version of" the model
     # named in base_model: these are not the base's weights at lower precision, and the
     # Hub would list them among the base's quantizations.  Relative to the base they are
-    # a fine-tune (`quantized` fits once base_model names a published merged repo).
+    # a fine-tune; `quantized` of the merged repo when that is published (:func:`lineage_base`).
     "gguf": "finetune",
+    "merged_4bit": "finetune",  # the same: NF4 weights of the fine-tune
 }
-LIBRARIES: dict[str, str] = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
-FORMAT_TAGS: dict[str, tuple[str, ...]] = {"gguf": ("gguf", "llama.cpp")}
+QUANTIZED = "quantized"
+LIBRARIES: dict[str, str] = {"adapter": "peft", "merged": "transformers",
+                             "merged_4bit": "transformers", "gguf": "gguf"}
+FORMAT_TAGS: dict[str, tuple[str, ...]] = {"gguf": ("gguf", "llama.cpp"),
+                                           "merged_4bit": ("bitsandbytes", "4-bit")}
 # A dataset named by a file (the lineage's `name` is often one) is not a Hub dataset id.
 DATA_FILE_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow",
                                        ".txt", ".zip", ".gz", ".tar", ".xz", ".zst", ".bz2")
@@ -89,12 +93,23 @@ def dataset_ids(lineage: dict) -> list[str]:
     return list(dict.fromkeys(d["hub_id"] for d in lineage_datasets(lineage) if d["hub_id"]))
 
 
+def lineage_base(trainer: Trainer, fmt: str) -> tuple[str, str]:
+    """(``base_model``, ``base_model_relation``) of the card of format ``fmt``: the GGUF
+    and NF4 repos are quantizations of the merged repo when the trainer publishes that on the Hub,
+    every other repo relates to the original base."""
+    merged = trainer.release.get("merged")
+    if fmt in ("gguf", "merged_4bit") and merged is not None and merged.target.kind == "hub":
+        return merged.target.repo_id, QUANTIZED
+    return trainer.base_model.id, base_model_relation(fmt)
+
+
 def front_matter(trainer: Trainer, lineage: dict, fmt: str) -> dict:
     """The YAML front matter of the model card of format ``fmt``."""
     trainer_tag = lineage.get("trainer")
+    base, relation = lineage_base(trainer, fmt)
     data: dict = {
-        "base_model": trainer.base_model.id,
-        "base_model_relation": base_model_relation(fmt),
+        "base_model": base,
+        "base_model_relation": relation,
         "license": trainer.license,
     }
     if trainer.license == "other":
@@ -117,7 +132,7 @@ def metadata_problems(meta: dict) -> list[str]:
     if not is_model_id(meta.get("base_model")):
         problems.append(f"`base_model` {meta.get('base_model')!r} is not a Hub model id "
                         "(owner/name); set the trainer's `base_model.id` to the base's Hub id")
-    if meta.get("base_model_relation") not in RELATIONS.values():
+    if meta.get("base_model_relation") not in {*RELATIONS.values(), QUANTIZED}:
         problems.append(f"`base_model_relation` {meta.get('base_model_relation')!r} is not one "
                         "of adapter, merge, quantized, finetune")
     found = license_problem(str(meta.get("license")), meta.get("license_name"),

@@ -72,6 +72,11 @@ PUBLISHED_PARAMS: dict[str, tuple[str, ...]] = {
         "convert.outtype",  # the base GGUF the check applies the LoRA to
         "llama_cpp.version",
     ),
+    "merged": (
+        *TRAINER_PARAMS,
+        "trainers.{trainer}.release.merged.dtype",
+    ),
+    "merged_4bit": TRAINER_PARAMS,
     "gguf": (
         *TRAINER_PARAMS,
         "trainers.{trainer}.chat_template",  # overrides applied before conversion
