@@ -1,7 +1,7 @@
 """Write a trainer's manifest: every file of every format it releases.
 
 Reads:  ``build/<trainer>/<format>/manifest.json`` of each format in the
-        trainer's ``release`` params (adapter@<trainer>, card@<trainer>), each
+        trainer's ``release`` params (adapter@, merged@, merged_4bit@, card@<trainer>), each
         checked against its files.
 Writes: ``--out`` = ``build/<trainer>/manifest.json``: the artifacts of all of
         them (each with its ``format``), ``formats`` in push order, and the
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(
         "stages.manifest", "Write build/<trainer>/manifest.json: every file of every format "
-        "the trainer releases (adapter, gguf), from each format folder's manifest.json.")
+        "the trainer releases (adapter, merged, merged_4bit, gguf), from each format "
+        "folder's manifest.json.")
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
     parser.add_argument("--build", type=Path, required=True, help="build/<trainer> folder")
     parser.add_argument("--out", type=Path, required=True, help="manifest JSON to write")

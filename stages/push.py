@@ -2,7 +2,7 @@
 
 Reads:  ``build/<trainer>/<format>/`` for ``--format`` (dvc.yaml: one push stage
         per trainer and format, ``push@<trainer>-<format>``), or for each format
-        the trainer releases, in push order (adapter, gguf), and that folder's
+        the trainer releases, in push order (adapter, merged, merged_4bit, gguf), and that folder's
         ``manifest.json``.
 Writes: the target (a local folder, or a Hugging Face Hub repo: one publisher
         per target kind in ``stages/release/``) and ``--receipt``
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer", required=True, help="trainer key in params.yaml")
     parser.add_argument("--format", dest="fmt",
                         help="the released format to push (default: every one the trainer "
-                        "releases, in the order adapter, gguf)")
+                        "releases, in the order adapter, merged, merged_4bit, gguf)")
     parser.add_argument("--build", type=Path, help="build/<trainer> folder")
     parser.add_argument("--receipt", type=Path, help="receipt JSON to write")
     mode = parser.add_mutually_exclusive_group()
