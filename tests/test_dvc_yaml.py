@@ -141,6 +141,7 @@ def test_pipeline_yaml_is_current_and_a_stale_one_stops_every_stage(tmp_path: Pa
     (["adapter"], {"adapter", "manifest"}),
     (["merged"], {"merge", "merged", "manifest"}),
     (["adapter", "merged"], {"adapter", "merge", "merged", "manifest"}),
+    (["merged_4bit"], {"merge", "merged_4bit", "manifest"}),
     (["gguf"], {"merge", "gguf", "manifest"}),
     (["adapter", "gguf"], {"adapter", "merge", "gguf", "lora_check", "manifest"}),
 ])
@@ -158,7 +159,7 @@ def test_a_trainer_is_in_the_stage_sets_its_formats_need(formats: list[str],
     built = stage_sets(parse_params(data))[ROOT_KEY]
     assert {name for name, items in built.items()
             if isinstance(items, dict) and "x" in items and name != "releases"} == sets
-    order = [f for f in ("adapter", "merged", "gguf") if f in formats]
+    order = [f for f in ("adapter", "merged", "merged_4bit", "gguf") if f in formats]
     assert list(built["releases"]) == [f"x-{f}" for f in order]
 
 
@@ -175,7 +176,8 @@ def test_every_trainer_loop_reads_a_stage_set_of_pipeline_yaml() -> None:
 
 
 @pytest.mark.parametrize(("stage", "fmt"), [("card", "gguf"), ("adapter", "adapter"),
-                                           ("merged", "merged")])
+                                           ("merged", "merged"),
+                                           ("merged_4bit", "merged_4bit")])
 def test_what_a_release_publishes_of_params_is_among_its_stage_params(stage: str,
                                                                       fmt: str) -> None:
     """A published params key that its stage does not declare would go stale in the card
