@@ -44,8 +44,8 @@ demo: pipeline tools  ## run the whole pipeline on the embedded demo (offline; p
 	$(PY) -m stages.repro
 	$(PY) -m stages.summary --params params.yaml
 
-test: tools  ## run every test (what CI runs)
-	$(PY) -m pytest
+test: tools  ## run every test (what CI runs), the 25 slowest listed at the end
+	$(PY) -m pytest --durations=25
 
 test-fast: venv  ## the unit tier: no training, no llama.cpp, under a minute
 	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile
