@@ -358,7 +358,7 @@ def test_the_merged_4bit_format_is_nf4_that_transformers_loads(
     result = merged_4bit.render_4bit_release(
         params=params, trainer_key="sft", merged=built_repo / "build/sft/work/merged",
         base=built_repo / params.trainer("sft").base_model.path, out=out)
-    config = merged_4bit.read_quant_config(out)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["bnb_4bit_quant_type"], config["load_in_4bit"]) == \
         ("bitsandbytes", "nf4", True)
     assert result.quantized.linear_4bit == 210 == result.check.lora_merged

@@ -117,7 +117,8 @@ class _Figures:
     dtypes: set[str] = field(default_factory=set)
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
+    """torch's dtype for a safetensors float dtype name (``BF16``)."""
     import torch
 
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -194,7 +195,7 @@ def _all_zero(reader: Reader, info: TensorInfo) -> bool:
     import torch
 
     raw = reader.read(info)
-    return torch.frombuffer(raw, dtype=_torch_dtype(info.dtype)).count_nonzero().item() == 0
+    return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).count_nonzero().item() == 0
 
 
 def check_trained(adapter: Adapter, reader: Reader) -> None:
@@ -249,7 +250,7 @@ def _load_float64(reader: Reader, info: TensorInfo):
     import torch
 
     raw = reader.read(info)
-    return torch.frombuffer(raw, dtype=_torch_dtype(info.dtype)).reshape(info.shape).double()
+    return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape).double()
 
 
 def _lora(module: LoraModule, config: dict, layout: Layout, reader: Reader) -> _Lora:
@@ -455,7 +456,7 @@ def _rows(reader: Reader, info: TensorInfo, lo: int, n: int):
     row_bytes = info.nbytes // info.shape[0]
     raw = torch.empty(n * row_bytes, dtype=torch.uint8)
     reader.read_into(info, memoryview(raw.numpy()), lo * row_bytes)
-    return raw.view(_torch_dtype(info.dtype)).reshape(n, *info.shape[1:])
+    return raw.view(torch_dtype(info.dtype)).reshape(n, *info.shape[1:])
 
 
 def _check_lora(want: _Want, got: TensorInfo, lora: _Lora, reader: Reader, base_bias,
@@ -521,15 +522,15 @@ def _same_bytes(want: _Want, got: TensorInfo, reader: Reader, fix: str) -> None:
         reader.read_into(source, memoryview(expected.numpy()), start * size_in)
         reader.read_into(got, memoryview(merged.numpy()), start * size_out)
         if cast:
-            expected = expected.view(_torch_dtype(source.dtype)).to(
-                _torch_dtype(want.dtype)).view(torch.uint8)
+            expected = expected.view(torch_dtype(source.dtype)).to(
+                torch_dtype(want.dtype)).view(torch.uint8)
         if torch.equal(expected, merged):
             continue
         differ = (expected.view(-1, size_out) != merged.view(-1, size_out)).any(1)
         first = int(differ.nonzero()[0])
         values = ""
         if want.dtype in FLOAT_DTYPES:
-            dtype = _torch_dtype(want.dtype)
+            dtype = torch_dtype(want.dtype)
             values = (f": {float(merged.view(dtype)[first]):.8g} instead of "
                       f"{float(expected.view(dtype)[first]):.8g}")
         whose, why = (("the adapter's own", "the adapter saved it whole: modules_to_save, "

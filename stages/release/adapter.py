@@ -32,14 +32,11 @@ from stages.config.pipeline import checks_lora
 from stages.core import atomic
 from stages.core.errors import InputError, ReleaseError
 from stages.core.hashing import sha256_file
-from stages.core.preflight import human_size
 from stages.llamacpp.lora import LoraGguf, check_gguf_lora, convert_lora
-from stages.release.card import card_filters, check_card, render_front_matter, seal_release
-from stages.release.hub_meta import check_front_matter, front_matter, other_formats
-from stages.release.lineage import LINEAGE_FILE, card_context, load_lineage, publish_lineage
-from stages.release.manifest import Artifact, artifact, tool_versions
-from stages.release.privacy import publish_params
-from stages.release.templates import render
+from stages.release.card import finish_format
+from stages.release.lineage import LINEAGE_FILE, load_lineage, publish_lineage
+from stages.release.manifest import Artifact, artifact
+from stages.release.privacy import named_by_hub_id, publish_params
 from stages.weights.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from stages.weights.merge import TEMPLATE_FILES, TOKENIZER_FILES
 
@@ -53,9 +50,6 @@ GGUF_LORA_OUTTYPE = "f16"
 PEFT_NAMES: dict[str, str] = {"LORA": "LoRA"}
 
 PUBLISHED: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES, *TEMPLATE_FILES)
-# Keys of tokenizer_config.json that older transformers filled with the folder the
-# tokenizer was loaded from (``name_or_path``): rewritten to the base's Hub id too.
-TOKENIZER_PATH_KEYS: tuple[str, ...] = ("name_or_path", "_name_or_path")
 
 
 @dataclass(frozen=True)
@@ -91,8 +85,8 @@ def write_files(*, adapter: Path, base_id: str, out: Path) -> AdapterFiles:
             (out / name).write_text(json.dumps(public_config(config, base_id), indent=2) + "\n",
                                     encoding="utf-8")
         elif name == "tokenizer_config.json":
-            config = json.loads(src.read_text(encoding="utf-8"))
-            config |= {k: base_id for k in TOKENIZER_PATH_KEYS if k in config}
+            # older transformers named the folder it was loaded from: the Hub id instead
+            config = named_by_hub_id(json.loads(src.read_text(encoding="utf-8")), base_id)
             (out / name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                     encoding="utf-8")
         else:
@@ -193,25 +187,11 @@ def render_adapter_release(*, params: Params, trainer_key: str, base: Path, out:
         checked = load_lora_check(lora_check, trainer, tmp / lora_file if lora_file else None)
         arts = [artifact(tmp.parent, tmp / name, fmt=FORMAT, kind=kind_of(name))
                 for name in names]
-        matter = front_matter(trainer, lineage.fields, FORMAT)
-        check_front_matter(matter, trainer_key=trainer.key)
-        target = release.target
-        card_filters()
-        card = render(
-            "README.adapter.md.j2", front_matter=render_front_matter(matter), name=trainer.name,
-            base_model=trainer.base_model.id, **card_context(lineage),
-            params_keys=published.keys, tools=tool_versions(params.llama_cpp_version),
-            files=[{"file": a.path.split("/", 1)[1], "kind": a.kind,
-                    "size": human_size(a.bytes), "sha256": a.sha256} for a in arts],
-            repo=target.repo_id if target.kind == "hub" else None,
-            tokenizer_saved=any(n in names for n in TOKENIZER_FILES),
-            lora_file=lora_file, adapter=adapter_summary(config), lora_check=checked,
-            others=other_formats(trainer, FORMAT))
-        check_card(card, matter)
-        atomic.write_text(tmp / "README.md", card)
-        arts.append(artifact(tmp.parent, tmp / "README.md", fmt=FORMAT, kind="card"))
-        _, arts = seal_release(tmp=tmp, out=out, root=out.parent, fmt=FORMAT, trainer=trainer,
-                               params=params, arts=arts, lineage=lineage, published=published)
+        arts = finish_format(
+            tmp=tmp, out=out, fmt=FORMAT, trainer=trainer, params=params, arts=arts,
+            lineage=lineage, published=published, template="README.adapter.md.j2",
+            tokenizer_saved=any(n in names for n in TOKENIZER_FILES), lora_file=lora_file,
+            adapter=adapter_summary(config), lora_check=checked)
     log.info("wrote %s (%d files; left out of the run's folder: %s)", out, len(arts),
              ", ".join(files.left_out) or "nothing")
     return AdapterRelease(out=out, artifacts=tuple(arts), left_out=files.left_out)

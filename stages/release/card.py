@@ -254,6 +254,35 @@ def render_release(*, params: Params, trainer_key: str, quant_dir: Path, eval_di
     return CardResult(out=out, manifest=out / "manifest.json", artifacts=tuple(arts))
 
 
+def finish_format(*, tmp: Path, out: Path, fmt: str, trainer: Trainer, params: Params,
+                  arts: list[Artifact], lineage: Lineage, published: PublishedParams,
+                  template: str, **context: object) -> list[Artifact]:
+    """Write the card of format ``fmt`` (``templates/<template>``) into the staged folder
+    ``tmp`` and seal it (:func:`seal_release`); the artifacts with their paths under ``out``.
+
+    The card gets what every format's card shows (front matter, name, base, lineage,
+    published params keys, tools, the file table of ``arts``, the Hub repo, the other
+    formats) and ``context``, the format's own values."""
+    matter = front_matter(trainer, lineage.fields, fmt)
+    check_front_matter(matter, trainer_key=trainer.key)
+    target = trainer.release[fmt].target
+    card_filters()
+    card = render(
+        template, front_matter=render_front_matter(matter), name=trainer.name,
+        base_model=trainer.base_model.id, **card_context(lineage),
+        params_keys=published.keys, tools=tool_versions(params.llama_cpp_version),
+        files=[{"file": a.path.split("/", 1)[1], "kind": a.kind,
+                "size": human_size(a.bytes), "sha256": a.sha256} for a in arts],
+        repo=target.repo_id if target.kind == "hub" else None,
+        others=other_formats(trainer, fmt), **context)
+    check_card(card, matter)
+    atomic.write_text(tmp / "README.md", card)
+    arts = [*arts, artifact(tmp.parent, tmp / "README.md", fmt=fmt, kind="card")]
+    _, arts = seal_release(tmp=tmp, out=out, root=out.parent, fmt=fmt, trainer=trainer,
+                           params=params, arts=arts, lineage=lineage, published=published)
+    return arts
+
+
 def seal_release(*, tmp: Path, out: Path, root: Path, fmt: str, trainer: Trainer,
                  params: Params, arts: list[Artifact], lineage: Lineage,
                  published: PublishedParams) -> tuple[str, list[Artifact]]:

@@ -29,17 +29,15 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages.config.params import Params
+from stages.config.params import FormatRelease, Params, Trainer
 from stages.core import atomic
 from stages.core.errors import InputError, ReleaseError
 from stages.core.preflight import check_disk_and_ram, human_size
-from stages.fidelity.adapter_check import AdapterCheck, verify_merge
-from stages.release.card import card_filters, check_card, render_front_matter, seal_release
-from stages.release.hub_meta import check_front_matter, front_matter, other_formats
-from stages.release.lineage import LINEAGE_FILE, card_context, load_lineage, publish_lineage
-from stages.release.manifest import Artifact, artifact, tool_versions
-from stages.release.privacy import publish_params
-from stages.release.templates import render
+from stages.fidelity.adapter_check import FLOAT_DTYPES, AdapterCheck, torch_dtype, verify_merge
+from stages.release.card import finish_format
+from stages.release.lineage import LINEAGE_FILE, Lineage, load_lineage, publish_lineage
+from stages.release.manifest import Artifact, artifact
+from stages.release.privacy import PublishedParams, named_by_hub_id, publish_params
 from stages.weights.merge import GENERATION_CONFIG, TEMPLATE_FILES, TOKENIZER_FILES
 from stages.weights.safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -56,11 +54,8 @@ log = logging.getLogger(__name__)
 FORMAT = "merged"
 CONFIG = "config.json"
 SIDE_FILES: tuple[str, ...] = (GENERATION_CONFIG, *TOKENIZER_FILES, *TEMPLATE_FILES)
-# release.merged.dtype -> (safetensors dtype, config.json's `dtype`, torch's name)
+# release.merged.dtype -> (safetensors dtype, config.json's `dtype`)
 DTYPES: dict[str, tuple[str, str]] = {"bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-# Keys that transformers fills with the folder a model or tokenizer was loaded from.
-PATH_KEYS: tuple[str, ...] = ("_name_or_path", "name_or_path")
 # Elements cast per step: 16 MB of fp32 at most in flight, whatever the model.
 CAST_ELEMENTS = 2**22
 # The process with torch imported, and a cast chunk in three dtypes.
@@ -75,16 +70,41 @@ class MergedRelease:
     cast: int  # tensors cast to the published dtype (the rest copied byte for byte)
 
 
+@dataclass(frozen=True)
+class CheckedMerge:
+    """A trainer's merge, checked against its adapter, and what its release publishes."""
+
+    trainer: Trainer
+    release: FormatRelease
+    lineage: Lineage
+    published: PublishedParams
+    check: AdapterCheck
+
+
+def checked_merge(*, params: Params, trainer_key: str, fmt: str, merged: Path,
+                  base: Path) -> CheckedMerge:
+    """The release inputs of format ``fmt`` (``merged`` or ``merged_4bit``), once
+    ``merged`` (merge@<t>'s folder) is proven to be the trainer's adapter on ``base``."""
+    trainer = params.trainer(trainer_key)
+    if fmt not in trainer.release:
+        raise ReleaseError(f"trainer {trainer.key} does not release {fmt}; nothing to render")
+    if not (merged / CONFIG).is_file():
+        raise InputError(f"{merged} holds no merged model ({CONFIG} is missing); run "
+                         f"merge@{trainer.key} first (dvc repro)")
+    source = trainer.run_dir / LINEAGE_FILE
+    lineage = publish_lineage(load_lineage(source), source=source)
+    published = publish_params(params, trainer.key, fmt)
+    check = verify_merge(base=base, adapter=trainer.adapter, merged=merged,
+                         fix=f"Merge it again: `dvc repro --force merge@{trainer.key}`.")
+    log.info("checked %s: %d tensors, %d with the adapter merged, as peft merges them",
+             merged, check.tensors, check.lora_merged)
+    return CheckedMerge(trainer=trainer, release=trainer.release[fmt], lineage=lineage,
+                        published=published, check=check)
+
+
 def published_spec(info: TensorInfo, dtype: str) -> TensorSpec:
     """A tensor as published: floating point in ``dtype``, anything else as it is."""
     return TensorSpec(info.name, dtype if info.dtype in FLOAT_DTYPES else info.dtype, info.shape)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-            "BF16": torch.bfloat16}[name]
 
 
 def cast_chunks(info: TensorInfo, dtype: str, reader: Reader):
@@ -92,7 +112,7 @@ def cast_chunks(info: TensorInfo, dtype: str, reader: Reader):
     the new dtype cannot hold."""
     import torch
 
-    src, dst = _torch_dtype(info.dtype), _torch_dtype(dtype)
+    src, dst = torch_dtype(info.dtype), torch_dtype(dtype)
     size = torch.empty((), dtype=src).element_size()
     buf = bytearray(min(info.numel, CAST_ELEMENTS) * size)
     done = 0
@@ -112,9 +132,8 @@ def cast_chunks(info: TensorInfo, dtype: str, reader: Reader):
         done += count
 
 
-def write_weights(merged: Path, out: Path, dtype: str) -> tuple[list[str], int]:
-    """Write the merged model's tensors into ``out`` in ``dtype`` (shard names, cast count)."""
-    tensors = model_tensors(merged)
+def write_weights(tensors: dict[str, TensorInfo], out: Path, dtype: str) -> tuple[list[str], int]:
+    """Write ``tensors`` into ``out`` in ``dtype`` (shard names, how many were cast)."""
     specs = [published_spec(info, dtype) for info in tensors.values()]
     with Reader() as reader, ShardWriter(out, specs, max_shard_size=DEFAULT_MAX_SHARD_SIZE) \
             as writer:
@@ -130,16 +149,36 @@ def write_weights(merged: Path, out: Path, dtype: str) -> tuple[list[str], int]:
     return list(writer.names), cast
 
 
-def public_json(src: Path, dst: Path, *, base_id: str, dtype_name: str | None = None) -> None:
-    """Copy a JSON config with the keys that name a local folder set to the base's Hub id
-    (and config.json's dtype the published one)."""
-    data = json.loads(src.read_text(encoding="utf-8"))
-    data |= {k: base_id for k in PATH_KEYS if k in data}
-    if dtype_name is not None:
-        data["dtype"] = dtype_name
-        if "torch_dtype" in data:
-            data["torch_dtype"] = dtype_name
+def write_json(src: Path, dst: Path, *, base_id: str, **values: object) -> None:
+    """Copy a JSON config, the folder it was loaded from named by ``base_id`` and
+    ``values`` set."""
+    data = named_by_hub_id(json.loads(src.read_text(encoding="utf-8")), base_id) | values
     dst.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def copy_side_files(merged: Path, out: Path, *, base_id: str) -> list[str]:
+    """Copy the generation config, tokenizer and chat template files of ``merged`` that
+    ``out`` does not hold yet (:data:`SIDE_FILES`); their names."""
+    names = []
+    for name in SIDE_FILES:
+        if not (merged / name).is_file() or (out / name).exists():
+            continue
+        if name.endswith(".json") and name != "tokenizer.json":
+            write_json(merged / name, out / name, base_id=base_id)
+        else:
+            shutil.copyfile(merged / name, out / name)
+        names.append(name)
+    return names
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the released folder carries a chat template: a template file, or the
+    tokenizer config's (where older transformers kept it)."""
+    if any((folder / name).is_file() for name in TEMPLATE_FILES):
+        return True
+    path = folder / "tokenizer_config.json"
+    return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8"))
+                                   .get("chat_template"))
 
 
 def kind_of(name: str) -> str:
@@ -155,74 +194,32 @@ def kind_of(name: str) -> str:
     return "chat_template" if name in TEMPLATE_FILES else "tokenizer"
 
 
-def _preflight(merged: Path, out: Path, dtype: str) -> None:
-    tensors = model_tensors(merged)
-    need = sum(published_spec(i, dtype).nbytes for i in tensors.values()) + 64 * 2**20
-    check_disk_and_ram(out, need_disk=need, need_ram=PROCESS_RAM)
-
-
 def render_merged_release(*, params: Params, trainer_key: str, merged: Path, base: Path,
                           out: Path) -> MergedRelease:
     """Check ``merged`` (merge@<t>'s folder) against the trainer's adapter on ``base``,
     then build ``out`` (``build/<trainer>/merged/``)."""
-    trainer = params.trainer(trainer_key)
-    if FORMAT not in trainer.release:
-        raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
-    if not (merged / CONFIG).is_file():
-        raise InputError(f"{merged} holds no merged model ({CONFIG} is missing); run "
-                         f"merge@{trainer.key} first (dvc repro)")
-    release = trainer.release[FORMAT]
-    st_dtype, dtype_name = DTYPES[release.dtype]
-    source = trainer.run_dir / LINEAGE_FILE
-    lineage = publish_lineage(load_lineage(source), source=source)
-    published = publish_params(params, trainer.key, FORMAT)
-    check = verify_merge(base=base, adapter=trainer.adapter, merged=merged,
-                         fix=f"Merge it again: `dvc repro --force merge@{trainer.key}`.")
-    log.info("checked %s: %d tensors, %d with the adapter merged, as peft merges them",
-             merged, check.tensors, check.lora_merged)
-    _preflight(merged, out, st_dtype)
+    inputs = checked_merge(params=params, trainer_key=trainer_key, fmt=FORMAT, merged=merged,
+                           base=base)
+    trainer, dtype = inputs.trainer, inputs.release.dtype
+    st_dtype, dtype_name = DTYPES[dtype]
+    tensors = model_tensors(merged)
+    need = sum(published_spec(info, st_dtype).nbytes for info in tensors.values())
+    check_disk_and_ram(out, need_disk=need + 64 * 2**20, need_ram=PROCESS_RAM)
+    config = json.loads((merged / CONFIG).read_text(encoding="utf-8"))
+    dtype_keys = {key: dtype_name for key in ("dtype", "torch_dtype")
+                  if key == "dtype" or key in config}
     with atomic.output_dir(out, sync=False) as tmp:
-        shards, cast = write_weights(merged, tmp, st_dtype)
-        names = [*shards, INDEX_NAME, CONFIG]
-        public_json(merged / CONFIG, tmp / CONFIG, base_id=trainer.base_model.id,
-                    dtype_name=dtype_name)
-        for name in SIDE_FILES:
-            if not (merged / name).is_file():
-                continue
-            if name.endswith(".json") and name != "tokenizer.json":
-                public_json(merged / name, tmp / name, base_id=trainer.base_model.id)
-            else:
-                shutil.copyfile(merged / name, tmp / name)
-            names.append(name)
+        shards, cast = write_weights(tensors, tmp, st_dtype)
+        write_json(merged / CONFIG, tmp / CONFIG, base_id=trainer.base_model.id, **dtype_keys)
+        names = [*shards, INDEX_NAME, CONFIG,
+                 *copy_side_files(merged, tmp, base_id=trainer.base_model.id)]
         arts = [artifact(tmp.parent, tmp / name, fmt=FORMAT, kind=kind_of(name))
                 for name in names]
-        matter = front_matter(trainer, lineage.fields, FORMAT)
-        check_front_matter(matter, trainer_key=trainer.key)
-        target = release.target
-        card_filters()
-        card = render(
-            "README.merged.md.j2", front_matter=render_front_matter(matter), name=trainer.name,
-            base_model=trainer.base_model.id, **card_context(lineage),
-            params_keys=published.keys, tools=tool_versions(params.llama_cpp_version),
-            files=[{"file": a.path.split("/", 1)[1], "kind": a.kind,
-                    "size": human_size(a.bytes), "sha256": a.sha256} for a in arts],
-            repo=target.repo_id if target.kind == "hub" else None, dtype=release.dtype,
-            torch_dtype=dtype_name, check=asdict(check), cast=cast,
-            chat=any(n in names for n in TEMPLATE_FILES) or _has_template(tmp),
-            others=other_formats(trainer, FORMAT))
-        check_card(card, matter)
-        atomic.write_text(tmp / "README.md", card)
-        arts.append(artifact(tmp.parent, tmp / "README.md", fmt=FORMAT, kind="card"))
-        _, arts = seal_release(tmp=tmp, out=out, root=out.parent, fmt=FORMAT, trainer=trainer,
-                               params=params, arts=arts, lineage=lineage, published=published)
+        arts = finish_format(
+            tmp=tmp, out=out, fmt=FORMAT, trainer=trainer, params=params, arts=arts,
+            lineage=inputs.lineage, published=inputs.published,
+            template="README.merged.md.j2", dtype=dtype, torch_dtype=dtype_name,
+            check=asdict(inputs.check), cast=cast, chat=has_chat_template(tmp))
     log.info("wrote %s (%d files, %s, %d tensors cast to %s)", out, len(arts),
-             human_size(sum(a.bytes for a in arts)), cast, release.dtype)
-    return MergedRelease(out=out, artifacts=tuple(arts), check=check, cast=cast)
-
-
-def _has_template(folder: Path) -> bool:
-    """Whether the tokenizer config carries a chat template (older transformers kept it
-    there rather than in chat_template.jinja)."""
-    path = folder / "tokenizer_config.json"
-    return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8"))
-                                   .get("chat_template"))
+             human_size(sum(a.bytes for a in arts)), cast, dtype)
+    return MergedRelease(out=out, artifacts=tuple(arts), check=inputs.check, cast=cast)

@@ -18,25 +18,26 @@ a few tokens, so a release that does not load is never published.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stages.config.params import Params
 from stages.core import atomic
-from stages.core.errors import InputError, ReleaseError
+from stages.core.errors import ReleaseError
 from stages.core.preflight import check_disk_and_ram, human_size
-from stages.fidelity.adapter_check import AdapterCheck, verify_merge
-from stages.release.card import card_filters, check_card, render_front_matter, seal_release
-from stages.release.hub_meta import check_front_matter, front_matter, other_formats
-from stages.release.lineage import LINEAGE_FILE, card_context, load_lineage, publish_lineage
-from stages.release.manifest import Artifact, artifact, tool_versions
-from stages.release.merged import CONFIG, SIDE_FILES, kind_of, public_json
-from stages.release.privacy import publish_params
-from stages.release.templates import render
-from stages.weights.merge import TEMPLATE_FILES
+from stages.fidelity.adapter_check import AdapterCheck
+from stages.release.card import finish_format
+from stages.release.hub_meta import QUANTIZED, lineage_base
+from stages.release.manifest import Artifact, artifact
+from stages.release.merged import (
+    CONFIG,
+    checked_merge,
+    copy_side_files,
+    has_chat_template,
+    kind_of,
+    write_json,
+)
 from stages.weights.safetensors_io import model_tensors
 
 log = logging.getLogger(__name__)
@@ -134,18 +135,9 @@ def render_4bit_release(*, params: Params, trainer_key: str, merged: Path, base:
                         out: Path) -> Merged4bitRelease:
     """Check ``merged`` (merge@<t>'s folder) against the trainer's adapter on ``base``,
     then build ``out`` (``build/<trainer>/merged_4bit/``)."""
-    trainer = params.trainer(trainer_key)
-    if FORMAT not in trainer.release:
-        raise ReleaseError(f"trainer {trainer.key} does not release {FORMAT}; nothing to render")
-    if not (merged / CONFIG).is_file():
-        raise InputError(f"{merged} holds no merged model ({CONFIG} is missing); run "
-                         f"merge@{trainer.key} first (dvc repro)")
-    release = trainer.release[FORMAT]
-    source = trainer.run_dir / LINEAGE_FILE
-    lineage = publish_lineage(load_lineage(source), source=source)
-    published = publish_params(params, trainer.key, FORMAT)
-    check = verify_merge(base=base, adapter=trainer.adapter, merged=merged,
-                         fix=f"Merge it again: `dvc repro --force merge@{trainer.key}`.")
+    inputs = checked_merge(params=params, trainer_key=trainer_key, fmt=FORMAT, merged=merged,
+                           base=base)
+    trainer = inputs.trainer
     weights = sum(i.nbytes for i in model_tensors(merged).values())
     check_disk_and_ram(out, need_disk=int(weights * HELD_PER_BYTE) + 64 * 2**20,
                        need_ram=PROCESS_RAM + int(weights * HELD_PER_BYTE))
@@ -153,48 +145,25 @@ def render_4bit_release(*, params: Params, trainer_key: str, merged: Path, base:
         log.info("quantizing %s to bitsandbytes %s (double quant, %s compute)", merged,
                  QUANT_TYPE.upper(), COMPUTE_DTYPE)
         quantize(merged, tmp)
-        public_json(tmp / CONFIG, tmp / CONFIG, base_id=trainer.base_model.id)
-        for name in SIDE_FILES:
-            if (merged / name).is_file() and not (tmp / name).exists():
-                if name.endswith(".json") and name != "tokenizer.json":
-                    public_json(merged / name, tmp / name, base_id=trainer.base_model.id)
-                else:
-                    shutil.copyfile(merged / name, tmp / name)
+        write_json(tmp / CONFIG, tmp / CONFIG, base_id=trainer.base_model.id)
+        copy_side_files(merged, tmp, base_id=trainer.base_model.id)
         for path in tmp.iterdir():
             path.chmod(0o644)  # save_pretrained may leave files private
         check_loads(tmp)
         quantized = describe(tmp)
-        names = sorted(p.name for p in tmp.iterdir())
         arts = [artifact(tmp.parent, tmp / name, fmt=FORMAT, kind=kind_of(name))
-                for name in names]
-        matter = front_matter(trainer, lineage.fields, FORMAT)
-        check_front_matter(matter, trainer_key=trainer.key)
-        target = release.target
-        card_filters()
-        card = render(
-            "README.merged_4bit.md.j2", front_matter=render_front_matter(matter),
-            name=trainer.name, base_model=trainer.base_model.id,
-            quantized_from=matter["base_model"] if matter["base_model_relation"] == "quantized"
-            else None, **card_context(lineage), params_keys=published.keys,
-            tools=tool_versions(params.llama_cpp_version),
-            files=[{"file": a.path.split("/", 1)[1], "kind": a.kind,
-                    "size": human_size(a.bytes), "sha256": a.sha256} for a in arts],
-            repo=target.repo_id if target.kind == "hub" else None, check=asdict(check),
+                for name in sorted(p.name for p in tmp.iterdir())]
+        base_model, relation = lineage_base(trainer, FORMAT)
+        arts = finish_format(
+            tmp=tmp, out=out, fmt=FORMAT, trainer=trainer, params=params, arts=arts,
+            lineage=inputs.lineage, published=inputs.published,
+            template="README.merged_4bit.md.j2",
+            quantized_from=base_model if relation == QUANTIZED else None,
+            check=asdict(inputs.check),
             quant={"type": QUANT_TYPE.upper(), "double_quant": DOUBLE_QUANT,
                    "compute_dtype": COMPUTE_DTYPE, **asdict(quantized)},
-            chat=any(n in names for n in TEMPLATE_FILES),
-            others=other_formats(trainer, FORMAT))
-        check_card(card, matter)
-        atomic.write_text(tmp / "README.md", card)
-        arts.append(artifact(tmp.parent, tmp / "README.md", fmt=FORMAT, kind="card"))
-        _, arts = seal_release(tmp=tmp, out=out, root=out.parent, fmt=FORMAT, trainer=trainer,
-                               params=params, arts=arts, lineage=lineage, published=published)
+            chat=has_chat_template(tmp))
     log.info("wrote %s (%d files, %s; %d NF4 linear layers)", out, len(arts),
              human_size(sum(a.bytes for a in arts)), quantized.linear_4bit)
-    return Merged4bitRelease(out=out, artifacts=tuple(arts), check=check, quantized=quantized)
-
-
-def read_quant_config(folder: Path) -> dict:
-    """config.json's ``quantization_config`` of a released folder."""
-    return json.loads((folder / CONFIG).read_text(encoding="utf-8")).get(
-        "quantization_config") or {}
+    return Merged4bitRelease(out=out, artifacts=tuple(arts), check=inputs.check,
+                             quantized=quantized)

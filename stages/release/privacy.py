@@ -222,6 +222,17 @@ def public_path(text: Any) -> Any:
     return file_name(text) if isinstance(text, str) and is_local_path(text) else text
 
 
+# Keys of config.json and tokenizer_config.json that transformers fills with the folder a
+# model or tokenizer was loaded from.
+LOADED_FROM_KEYS: tuple[str, ...] = ("_name_or_path", "name_or_path")
+
+
+def named_by_hub_id(config: dict, hub_id: str) -> dict:
+    """A config as published: the keys naming the folder it was loaded from set to
+    ``hub_id`` (where the model is published from)."""
+    return config | {k: hub_id for k in LOADED_FROM_KEYS if k in config}
+
+
 def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
